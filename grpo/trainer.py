@@ -1,0 +1,424 @@
+"""The GRPO loop: rollout -> rewards -> advantages -> mu passes of micro-batch updates -> log.
+
+`Trainer.train()` reads like the algorithm (Shao et al. 2024, DeepSeekMath, Alg. 1, with
+one policy update per rollout batch by default). Every formula lives in a pure function
+elsewhere: advantages in `grpo.advantages`, losses and the k3 KL in `grpo.losses`,
+log-probs in `grpo.logprobs` (from hidden states, never the full logits).
+
+Where we depart from the paper, and why:
+- The KL term uses the k3 estimator per token (Schulman 2020), as DeepSeekMath eq. 4 does,
+  against a frozen reference *adapter* on the same base (no second model in memory).
+- With num_iterations == 1 the old log-probs are the current ones detached (ratio = 1,
+  the gradient is the plain policy gradient), which saves a forward pass, as TRL does.
+- Loss normalizers are those of the whole batch (`grpo.losses.aggregate`), so gradient
+  accumulation over micro-batches gives exactly the gradient of one big batch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from grpo import checkpoint as ckpt
+from grpo.advantages import ADVANTAGES, zero_std_groups
+from grpo.config import GRPOConfig
+from grpo.losses import POLICY_LOSSES, aggregate, kl_k3
+from grpo.metrics import MetricsLogger
+from grpo.model import (
+    attach_adapters,
+    completion_logprobs,
+    load_base_model,
+    load_tokenizer,
+    prepare_tokenizer,
+    reference_model,
+    trainable_parameters,
+)
+from grpo.optim import build_optimizer, build_scheduler
+from grpo.rollout import Rollout, generate_rollout
+
+
+@dataclass
+class TrainerState:
+    step: int = 0  # optimizer steps done (one per rollout batch when num_iterations == 1)
+    epoch: int = 0  # passes over the prompt dataset started
+    data_index: int = 0  # position in the current epoch's shuffled order
+    metrics: dict = field(default_factory=dict)  # the last step's metrics
+
+
+class Callback:
+    """Subclass and override what you need; `Trainer(callbacks=[...])` calls them in order."""
+
+    def on_step_end(self, trainer: "Trainer", metrics: dict[str, float]) -> None: ...
+
+    def on_train_end(self, trainer: "Trainer") -> None: ...
+
+
+class PromptStream:
+    """An endless stream of dataset rows, reshuffled each epoch with a seeded permutation.
+    Its position (epoch, index) is part of the checkpoint, so a resumed run sees the same
+    prompts as an uninterrupted one."""
+
+    def __init__(self, rows: Sequence[dict], seed: int, state: TrainerState):
+        if len(rows) == 0:
+            raise ValueError("train_dataset is empty: give at least one prompt row.")
+        self.rows, self.seed, self.state = rows, seed, state
+
+    def _order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        return torch.randperm(len(self.rows), generator=g).tolist()
+
+    def take(self, n: int) -> list[dict]:
+        out, order = [], self._order(self.state.epoch)
+        while len(out) < n:
+            if self.state.data_index >= len(order):
+                self.state.epoch += 1
+                self.state.data_index = 0
+                order = self._order(self.state.epoch)
+            out.append(self.rows[order[self.state.data_index]])
+            self.state.data_index += 1
+        return out
+
+
+class Trainer:
+    """GRPO (and its variants, chosen by `config.algorithm`) on a PEFT LoRA policy.
+
+    model: a hub id / local dir / "embedded", a transformers causal LM (a LoRA adapter is
+        attached), or a PeftModel whose `default` adapter is the policy.
+    reward_funcs: callables `fn(prompts, completions, **columns) -> list[float | None]` or
+        names in `rewards.REGISTRY` / dotted paths; default: `config.reward_funcs`.
+    train_dataset: rows (dicts, or a `datasets.Dataset`) with a `prompt` (chat messages or
+        a plain string) or a `question` (formatted with `config.prompt_format`); every other
+        column (e.g. `answer`) is passed to the reward functions.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any = None,
+        reward_funcs: Sequence[Callable | str] | None = None,
+        train_dataset: Any = None,
+        config: GRPOConfig | None = None,
+        *,
+        reward_weights: Sequence[float] | None = None,
+        eval_dataset: Any = None,
+        callbacks: Sequence[Callback] = (),
+    ):
+        from rewards import get_reward
+
+        self.config = cfg = config or GRPOConfig()
+        torch.manual_seed(cfg.seed)  # LoRA init and dropout
+        self.model, self.tokenizer = _resolve_model(model, tokenizer, cfg)
+        self.device = next(self.model.parameters()).device
+        funcs = reward_funcs if reward_funcs is not None else cfg.reward_funcs
+        self.reward_funcs = [get_reward(f) if isinstance(f, str) else f for f in funcs]
+        self.reward_weights = list(reward_weights) if reward_weights is not None else cfg.reward_weights
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+            raise ValueError(f"reward_weights has {len(self.reward_weights)} entries for "
+                             f"{len(self.reward_funcs)} reward functions: give one weight per function.")
+        self.train_rows = prepare_rows(train_dataset, cfg.prompt_format, "train_dataset")
+        self.eval_rows = prepare_rows(eval_dataset, cfg.prompt_format, "eval_dataset") if eval_dataset is not None else None
+        self.callbacks = list(callbacks)
+        self.state = TrainerState()
+        self.prompts = PromptStream(self.train_rows, cfg.seed, self.state)
+        self.generator = torch.Generator(self.device).manual_seed(cfg.seed)
+        self.optimizer = build_optimizer(
+            trainable_parameters(self.model), lr=cfg.learning_rate,
+            weight_decay=cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2),
+        )
+        self.scheduler = build_scheduler(
+            self.optimizer, warmup_steps=cfg.warmup_steps,
+            total_steps=cfg.max_steps * cfg.num_iterations, kind=cfg.lr_scheduler,
+        )
+        self.policy_loss = POLICY_LOSSES["gspo" if cfg.algorithm == "gspo" else "clip"]
+        self.advantage_fn = ADVANTAGES[cfg.algorithm]
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> dict[str, Any]:
+        cfg = self.config
+        run_dir = Path(cfg.output_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.resume_from_checkpoint:
+            self.resume(cfg.resume_from_checkpoint)
+        cfg.save(run_dir / "config.yaml")
+        logger = MetricsLogger(run_dir, total_steps=cfg.max_steps, initial_step=self.state.step,
+                               report_to=cfg.report_to, config=cfg.to_dict(), progress_bar=cfg.progress_bar)
+        history = []
+        try:
+            while self.state.step < cfg.max_steps:
+                metrics = self.step()
+                history.append(metrics)
+                if self.state.step % cfg.logging_steps == 0:
+                    logger.log(self.state.step, metrics)
+                if cfg.log_completions_steps and self.state.step % cfg.log_completions_steps == 0:
+                    logger.log_completions(self.state.step, self._last_samples)
+                for cb in self.callbacks:
+                    cb.on_step_end(self, metrics)
+                if cfg.save_steps and self.state.step % cfg.save_steps == 0:
+                    self.save()
+            if not ckpt.list_checkpoints(run_dir) or ckpt.list_checkpoints(run_dir)[-1].name != f"checkpoint-{self.state.step}":
+                self.save()
+        finally:
+            logger.close()
+        for cb in self.callbacks:
+            cb.on_train_end(self)
+        return summarize(history, self.state.step, run_dir)
+
+    def step(self) -> dict[str, float]:
+        """One GRPO step: sample, score, normalize, then num_iterations optimizer updates."""
+        cfg = self.config
+        t0 = time.perf_counter()
+        rows = self.prompts.take(cfg.prompts_per_step)
+        rollout = self.generate(rows)  # B = P * G completions
+        t1 = time.perf_counter()
+        rewards, per_func = self.score(rows, rollout)  # [B], [B, F]
+        adv = self.advantage_fn(rewards, cfg.num_generations, cfg.scale_rewards, cfg.adv_eps)  # [B]
+        zero_std = zero_std_groups(rewards, cfg.num_generations)  # [P]
+        mask = self.loss_mask(rollout, zero_std)  # [B, T]
+        old_logp, ref_logp = self.frozen_logprobs(rollout)
+        update = {}
+        for _ in range(cfg.num_iterations):
+            update = self.optimize(rollout, adv, mask, old_logp, ref_logp)
+        t2 = time.perf_counter()
+        self.state.step += 1
+        metrics = {
+            **update,
+            **reward_metrics(rewards, per_func, self.reward_names),
+            "frac_reward_zero_std": zero_std.float().mean().item(),
+            "completion_length": rollout.completion_lengths.float().mean().item(),
+            "completion_length_max": rollout.completion_lengths.max().item(),
+            "truncated_frac": rollout.truncated.float().mean().item(),
+            "lr": self.scheduler.get_last_lr()[0],
+            "rollout_s": t1 - t0,
+            "update_s": t2 - t1,
+            "tokens_per_s": rollout.num_tokens / max(t2 - t0, 1e-9),
+        }
+        self._last_samples = [
+            {"prompt": r["prompt_text"], "completion": c, "reward": float(rw), "answer": r.get("answer")}
+            for r, c, rw in zip(_repeat(rows, cfg.num_generations), rollout.completion_texts, rewards)
+        ]
+        self.state.metrics = metrics
+        return metrics
+
+    # ------------------------------------------------------------------ pieces of a step
+    def generate(self, rows: list[dict]) -> Rollout:
+        """G completions per row, sampled in chunks of generation_batch_size completions."""
+        cfg = self.config
+        texts = [self.prompt_text(r) for r in rows]
+        for r, t in zip(rows, texts):
+            r.setdefault("prompt_text", t)
+        per_call = (cfg.generation_batch_size or cfg.batch_size) // cfg.num_generations
+        parts = [
+            generate_rollout(
+                self.model, self.tokenizer, texts[i : i + per_call], group_size=cfg.num_generations,
+                max_prompt_length=cfg.max_prompt_length, max_new_tokens=cfg.max_completion_length,
+                temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, generator=self.generator,
+            )
+            for i in range(0, len(texts), per_call)
+        ]
+        return parts[0] if len(parts) == 1 else concat_rollouts(parts, self.tokenizer.pad_token_id)
+
+    def prompt_text(self, row: dict) -> str:
+        from data import apply_chat_template
+
+        prompt = row["prompt"]
+        return prompt if isinstance(prompt, str) else apply_chat_template(self.tokenizer, prompt)
+
+    def score(self, rows: list[dict], rollout: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weighted reward [B] and each function's reward [B, F] (NaN = not applicable)."""
+        from rewards import compute_rewards
+
+        G = self.config.num_generations
+        repeated = _repeat(rows, G)
+        prompts = [r["prompt"] for r in repeated]
+        conversational = not isinstance(prompts[0], str)
+        completions = [[{"role": "assistant", "content": t}] if conversational else t for t in rollout.completion_texts]
+        skip = {"prompt", "prompt_text"}
+        columns = {k: [r.get(k) for r in repeated] for k in repeated[0] if k not in skip}
+        total, per_func = compute_rewards(self.reward_funcs, prompts, completions, columns, self.reward_weights)
+        return total.to(self.device), per_func
+
+    def loss_mask(self, rollout: Rollout, zero_std: torch.Tensor) -> torch.Tensor:
+        """[B, T] float: completion tokens that enter the loss."""
+        cfg = self.config
+        keep = torch.ones(rollout.completion_ids.shape[0], dtype=torch.bool, device=self.device)  # [B]
+        if cfg.mask_truncated_completions:
+            keep &= ~rollout.truncated
+        if cfg.drop_zero_std_groups:
+            keep &= ~zero_std.repeat_interleave(cfg.num_generations)
+        return rollout.completion_mask.float() * keep[:, None]
+
+    def micro_batches(self, batch_size: int) -> list[slice]:
+        m = self.config.micro_batch_size
+        return [slice(i, min(i + m, batch_size)) for i in range(0, batch_size, m)]
+
+    def logprobs(self, rollout: Rollout, mb: slice, return_entropy: bool = False):
+        return completion_logprobs(
+            self.model, rollout.prompt_ids[mb], rollout.prompt_mask[mb],
+            rollout.completion_ids[mb], rollout.completion_mask[mb],
+            temperature=self.config.temperature or 1.0, method=self.config.logprob_method,
+            return_entropy=return_entropy,
+        )
+
+    @torch.no_grad()
+    def frozen_logprobs(self, rollout: Rollout) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Old policy log-probs (only when num_iterations > 1) and reference log-probs
+        (only when beta > 0), each [B, T], computed once per rollout in the same
+        micro-batches as the update, so that at step 0 the KL is exactly 0."""
+        cfg = self.config
+        self.model.train()
+        old = ref = None
+        batches = self.micro_batches(rollout.completion_ids.shape[0])
+        if cfg.num_iterations > 1:
+            old = torch.cat([self.logprobs(rollout, mb) for mb in batches])
+        if cfg.beta > 0:
+            with reference_model(self.model):
+                ref = torch.cat([self.logprobs(rollout, mb) for mb in batches])
+        return old, ref
+
+    def optimize(self, rollout: Rollout, adv: torch.Tensor, mask: torch.Tensor,
+                 old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None) -> dict[str, float]:
+        """One optimizer step over the whole rollout, accumulated over micro-batches."""
+        cfg = self.config
+        self.model.train()
+        B = rollout.completion_ids.shape[0]
+        # Whole-batch normalizers: the sum over micro-batches is the big-batch loss.
+        norms = dict(num_sequences=max(int((mask.sum(-1) > 0).sum()), 1), num_tokens=max(int(mask.sum()), 1),
+                     max_completion_length=cfg.max_completion_length)
+        totals: dict[str, float] = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_ratio": 0.0,
+                                    "clip_ratio_low": 0.0, "clip_ratio_high": 0.0}
+        n_tokens = float(mask.sum().clamp(min=1))
+        for mb in self.micro_batches(B):
+            logp, entropy = self.logprobs(rollout, mb, return_entropy=True)  # [b, T]
+            m = mask[mb]
+            old = old_logp[mb] if old_logp is not None else logp.detach()
+            per_token, stats = self.policy_loss(logp, old, adv[mb], m, cfg.epsilon_low, cfg.epsilon_high)
+            if ref_logp is not None:
+                kl = kl_k3(logp, ref_logp[mb])  # [b, T]
+                per_token = per_token + cfg.beta * kl
+                totals["kl"] += float((kl.detach() * m).sum())
+            loss = aggregate(per_token, m, cfg.loss_type, **norms)
+            loss.backward()
+            totals["loss"] += loss.item()
+            totals["entropy"] += float((entropy * m).sum())
+            weight = float(m.sum())  # stats are masked means over this micro-batch's tokens
+            for key, name in (("clip_ratio", "clip_frac"), ("clip_ratio_low", "clip_low_frac"),
+                              ("clip_ratio_high", "clip_high_frac")):
+                totals[key] += float(stats[name]) * weight
+        grad_norm = self.clip_and_step()
+        for key in ("kl", "entropy", "clip_ratio", "clip_ratio_low", "clip_ratio_high"):
+            totals[key] /= n_tokens
+        return {**totals, "grad_norm": grad_norm}
+
+    def clip_and_step(self) -> float:
+        params = trainable_parameters(self.model)
+        max_norm = self.config.max_grad_norm if self.config.max_grad_norm > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    @property
+    def reward_names(self) -> list[str]:
+        return [getattr(f, "__name__", f"reward_{i}") for i, f in enumerate(self.reward_funcs)]
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> Path:
+        cfg = self.config
+        state = asdict(self.state)
+        return ckpt.save_checkpoint(
+            cfg.output_dir, self.state.step, model=self.model, optimizer=self.optimizer,
+            scheduler=self.scheduler, generator=self.generator, trainer_state=state,
+            config=cfg, keep=cfg.save_total_limit,
+        )
+
+    def resume(self, spec: str) -> None:
+        path = ckpt.resolve_checkpoint(spec, self.config.output_dir)
+        saved = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer,
+                                     scheduler=self.scheduler, generator=self.generator)
+        for key in ("step", "epoch", "data_index", "metrics"):
+            setattr(self.state, key, saved[key])
+
+
+# ---------------------------------------------------------------------- helpers
+def _resolve_model(model: Any, tokenizer: Any, cfg: GRPOConfig):
+    """(PeftModel with a trainable `default` adapter, prepared tokenizer) from what the user gave."""
+    if isinstance(model, (str, Path)):
+        tokenizer = tokenizer or load_tokenizer(cfg.tokenizer or str(model), trust_remote_code=cfg.trust_remote_code)
+        model = load_base_model(str(model), load_in_4bit=cfg.load_in_4bit, trust_remote_code=cfg.trust_remote_code)
+    elif tokenizer is None:
+        name = getattr(model, "name_or_path", None)
+        if not name:
+            raise ValueError("tokenizer=None needs a model loaded from a hub id or folder; pass the tokenizer.")
+        tokenizer = load_tokenizer(cfg.tokenizer or name, trust_remote_code=cfg.trust_remote_code)
+    if not hasattr(model, "peft_config"):
+        model = attach_adapters(model, cfg, cfg.adapter_path)
+    return model, prepare_tokenizer(tokenizer)
+
+
+def prepare_rows(dataset: Any, prompt_format: str, name: str) -> list[dict]:
+    """Rows as dicts with a `prompt`; rows with only a `question` get the format's messages."""
+    from data import make_prompt_rows
+
+    if dataset is None:
+        raise ValueError(f"{name} is required: give rows with a `prompt` or `question` column.")
+    rows = [dict(r) for r in dataset]
+    if not rows:
+        raise ValueError(f"{name} is empty: give at least one row.")
+    if "prompt" not in rows[0]:
+        if "question" not in rows[0]:
+            raise ValueError(f"{name} rows need a `prompt` or a `question` column; found {sorted(rows[0])}.")
+        rows = make_prompt_rows(rows, prompt_format)
+    return rows
+
+
+def _repeat(rows: list[dict], g: int) -> list[dict]:
+    return [r for r in rows for _ in range(g)]
+
+
+def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
+    """Stack rollouts sampled in several calls; pads prompts on the left, completions on the right."""
+    def pad(ts: list[torch.Tensor], left: bool, value: int) -> torch.Tensor:
+        width = max(t.shape[1] for t in ts)
+        padded = [torch.nn.functional.pad(t, (width - t.shape[1], 0) if left else (0, width - t.shape[1]), value=value)
+                  for t in ts]
+        return torch.cat(padded)
+
+    offsets = torch.tensor([0] + [int(p.prompt_indices.max()) + 1 for p in parts[:-1]]).cumsum(0)
+    return Rollout(
+        prompt_ids=pad([p.prompt_ids for p in parts], True, pad_id),
+        prompt_mask=pad([p.prompt_mask for p in parts], True, 0),
+        completion_ids=pad([p.completion_ids for p in parts], False, pad_id),
+        completion_mask=pad([p.completion_mask for p in parts], False, 0),
+        truncated=torch.cat([p.truncated for p in parts]),
+        completion_texts=[t for p in parts for t in p.completion_texts],
+        prompt_indices=torch.cat([p.prompt_indices + int(o) for p, o in zip(parts, offsets)]),
+        group_size=parts[0].group_size,
+    )
+
+
+def reward_metrics(rewards: torch.Tensor, per_func: torch.Tensor, names: list[str]) -> dict[str, float]:
+    out = {"reward": rewards.mean().item(), "reward_std": rewards.std().item() if rewards.numel() > 1 else 0.0,
+           "reward_min": rewards.min().item(), "reward_max": rewards.max().item()}
+    for j, name in enumerate(names):
+        col = per_func[:, j]
+        out[f"rewards/{name}"] = col.nanmean().item() if (~col.isnan()).any() else float("nan")
+    return out
+
+
+def summarize(history: list[dict], step: int, run_dir: Path) -> dict[str, Any]:
+    """What changed over the run: mean reward of the first and last few steps."""
+    k = max(1, min(5, len(history) // 2))
+    rewards = [h["reward"] for h in history]
+    return {
+        "steps": step,
+        "run_dir": str(run_dir),
+        "reward_first": sum(rewards[:k]) / k if rewards else float("nan"),
+        "reward_last": sum(rewards[-k:]) / k if rewards else float("nan"),
+        "last_metrics": history[-1] if history else {},
+    }
