@@ -289,7 +289,7 @@ class GRPOConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> "GRPOConfig":
-        return cls.from_dict({**_read_yaml(path), **overrides}, source=str(path))
+        return cls.from_dict({**read_yaml(path), **overrides}, source=str(path))
 
 
 ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -377,7 +377,7 @@ def _coerce(key: str, value: Any, tp: Any, source: str) -> Any:
     return value
 
 
-def _read_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist.")
@@ -413,7 +413,7 @@ def parse_config(argv: list[str] | None = None, defaults: dict[str, Any] | None 
     values: dict[str, Any] = dict(defaults or {})
     source = "command line"
     if args.get("config"):
-        values.update(_read_yaml(args["config"]))
+        values.update(read_yaml(args["config"]))
         source = f"{args['config']} + command line"
     values.update({k: v for k, v in args.items() if k != "config"})
     return GRPOConfig.from_dict(values, source=source)

@@ -23,15 +23,21 @@ Vc = vocab chunk):
 - `chunked`   C tokens at a time, full vocabulary, autograd through each chunk under
               `torch.utils.checkpoint`: about 2-3 x C x V floats; backward recomputes.
 - `fused`     a custom autograd.Function (plain PyTorch, any device). Forward walks token
-              chunks and vocab tiles with an online logsumexp in float32 and keeps only
-              per-token statistics ([N] floats): C x Vc floats of work memory (x2 with
-              entropy), independent of N. Backward recomputes each tile's logits.
-              When `hidden` requires grad at forward time, the vocab is not tiled and no
-              entropy is asked for, the forward also forms grad_hidden for g = 1 (as
-              Liger's fused linear cross entropy does) and keeps it ([N, H] float32, the
-              size of the input); since grad_hidden_i is linear in g_i, backward only
-              scales its rows by g. Weight-frozen fwd+bwd is then 2 matmuls instead of 3.
-              Switch with `grad_in_forward=False`. Entropy is differentiable here too.
+              chunks and vocab tiles with an online logsumexp in float32 (Milakov &
+              Gimelshein 2018) and keeps only per-token statistics ([N] floats): one
+              C x Vc float32 work buffer, reused by every chunk (x2 with entropy),
+              independent of N. With one vocab tile (the default, Vc = V) each chunk is a
+              single in-place row-wise log_softmax instead of max / exp / sum passes.
+              Backward recomputes each tile's logits; without entropy it never scales the
+              tile: (g (onehot - p)) @ W = g (W[target] - p @ W), rows commute with the
+              matmul. When `hidden` requires grad at forward time, the vocab is not tiled
+              and no entropy is asked for, the forward also forms grad_hidden for g = 1
+              (as Liger-Kernel's fused linear cross entropy does) and keeps it ([N, H]
+              float32, the size of the input); since grad_hidden_i is linear in g_i,
+              backward only scales its rows by g. Weight-frozen fwd+bwd is then 2 matmuls
+              instead of 3; `grad_in_forward=False` turns this off (a forward with grad
+              enabled but no backward then wastes no matmul). Entropy is differentiable
+              here too (backward recomputes); double backward is not supported.
 - `compiled`  the `chunked` path with the per-chunk function under `torch.compile`
               (needs a working inductor backend: a C++ compiler on CPU). Same memory as
               `chunked`.
@@ -43,8 +49,9 @@ Vc = vocab chunk):
               design and checked on CPU with the Triton interpreter (TRITON_INTERPRET=1)
               only; it has NOT been run on a GPU.
 
-Chunk sizes are keyword arguments (`token_chunk`, `vocab_chunk`); the CPU defaults were
-chosen with `benchmarks/logprobs.py` (see benchmarks/RESULTS.md).
+Chunk sizes are keyword arguments (`token_chunk`, `vocab_chunk`); the CPU default was
+chosen with `benchmarks/logprobs.py` (see benchmarks/RESULTS.md). Input validation reads
+targets.min()/max(), one host sync on CUDA.
 """
 
 from __future__ import annotations
@@ -235,17 +242,41 @@ class _RowStats:
 
 
 class _TorchTiles:
-    """Row-wise work on one logits tile in plain PyTorch. Tiles are float32, tempered."""
+    """Row-wise work on one logits tile in plain PyTorch; tiles are float32 and tempered.
+    Work buffers are reused across chunks (`buf`), so large chunks are not re-faulted."""
 
     @staticmethod
-    def logits(h_c: Tensor, w_tile: Tensor, temperature: float) -> Tensor:
-        z = (h_c @ w_tile.T).float()  # [n, v]
+    def logits(h_c: Tensor, w_tile: Tensor, temperature: float, buf: Tensor | None) -> Tensor:
+        """z: [n, v] float32 = h_c @ w_tile.T / T, written into `buf` when it is float32."""
+        n, v = h_c.shape[0], w_tile.shape[0]
+        if buf is not None and h_c.dtype == torch.float32:
+            z = torch.mm(h_c, w_tile.T, out=buf[: n * v].view(n, v))
+        else:
+            z = (h_c @ w_tile.T).float()
         return z.div_(temperature) if temperature != 1.0 else z
 
     @staticmethod
-    def stats(z: Tensor, t_rel: Tensor, st: _RowStats, want_entropy: bool, temperature: float) -> Tensor:
-        """Fold tile z [n, v] into st; t_rel [n] = target - tile start. Overwrites z and
-        returns exp(z - m_new) [n, v] (p up to the row factor 1/s when there is one tile)."""
+    def full_rows(z: Tensor, t_c: Tensor, want_entropy: bool, want_p: bool):
+        """Whole-vocabulary tile z: [n, V] -> (lse, target logit, entropy or None, p or None),
+        [n] each and p = softmax(z): [n, V] (z's buffer or, with entropy, a new one). One fused
+        row-wise log_softmax (each row is processed while it sits in cache) instead of
+        separate max / exp / sum passes."""
+        tgt = z.gather(1, t_c[:, None]).squeeze(1)
+        z_max, j_max = z.max(dim=1)
+        logsm = torch.ops.aten._log_softmax.out(z, 1, False, out=z)  # in place, row by row
+        # lse = z_j - log p_j at the row's argmax, where |log p_j| <= log V is small and
+        # exact to ~1e-6; at the target, log p could be ~ -1e3 and carry its rounding.
+        lse = z_max - logsm.gather(1, j_max[:, None]).squeeze(1)
+        if want_entropy:
+            p = torch.exp(logsm)
+            ent = -torch.bmm(p[:, None, :], logsm[:, :, None]).view(-1)  # -sum p log p, no temporary
+            return lse, tgt, ent, p
+        return lse, tgt, None, (logsm.exp_() if want_p else None)
+
+    @staticmethod
+    def stats(z: Tensor, t_rel: Tensor, st: _RowStats, want_entropy: bool, temperature: float) -> None:
+        """Fold tile z: [n, v] into the online state st (z is overwritten);
+        t_rel: [n] = target - tile start (out of [0, v) when the target is elsewhere)."""
         v = z.shape[1]
         in_tile = (t_rel >= 0) & (t_rel < v)
         picked = z.gather(1, t_rel.clamp(0, v - 1)[:, None]).squeeze(1)
@@ -257,36 +288,26 @@ class _TorchTiles:
             e = torch.exp(z)
             # rebase t from m to m_new: t' = scale (t + (m - m_new) s); guard m = -inf, s = 0
             delta = torch.where(st.s > 0, st.m - m_new, 0.0)
-            st.t = scale * (st.t + delta * st.s) + (e * z).sum(1)
+            st.t = scale * (st.t + delta * st.s) + torch.bmm(e[:, None, :], z[:, :, None]).view(-1)
             z = e
         else:
             z.exp_()
         st.s = st.s * scale + z.sum(1)
         st.m = m_new
-        return z
 
     @staticmethod
-    def eager_grad(e: Tensor, t_rel: Tensor, st: _RowStats, temperature: float) -> Tensor:
-        """d logp / d(raw logits) for g = 1 from the single tile's exp(z - m): (onehot - p) / T."""
-        grad = e.mul_((-1.0 / (st.s * temperature))[:, None])  # -p / T
-        return grad.scatter_add_(1, t_rel[:, None], e.new_full((e.shape[0], 1), 1.0 / temperature))
-
-    @staticmethod
-    def grad(z, t_rel, lse, ent, g_logp, g_ent, temperature) -> Tensor:
-        """Overwrite tile z [n, v] (float32, tempered) with the gradient of
-        sum_i g_logp_i logp_i + g_ent_i entropy_i w.r.t. the raw logits (before / T)."""
-        v = z.shape[1]
+    def grad(z, t_rel, lse, ent, g_logp, g_ent, temperature):
+        """Gradient of sum_i g_logp_i logp_i + g_ent_i entropy_i w.r.t. the raw logits of
+        tile z (float32, tempered, overwritten), in factored form (a, r, c):
+            grad_raw = r[:, None] * a + c[:, None] * onehot(target)   (r None: 1)
+        so that without entropy no pass over the tile is spent on scaling: a = p, r = -g/T."""
         z.sub_(lse[:, None])  # log p
         if g_ent is None:
-            grad = z.exp_().mul_((-g_logp / temperature)[:, None])  # -g p / T
-        else:
-            p = torch.exp(z)
-            # -g p - g_ent p (log p + entropy)  =  p * (-(g + g_ent (log p + entropy)))
-            grad = z.add_(ent[:, None]).mul_(-g_ent[:, None]).sub_(g_logp[:, None]).mul_(p)
-            grad.div_(temperature)
-        in_tile = (t_rel >= 0) & (t_rel < v)
-        add = torch.where(in_tile, g_logp / temperature, 0.0)[:, None]
-        return grad.scatter_add_(1, t_rel.clamp(0, v - 1)[:, None], add)
+            return z.exp_(), -g_logp / temperature, g_logp / temperature
+        p = torch.exp(z)
+        # -g p - g_ent p (log p + entropy) = p * (-(g + g_ent (log p + entropy)))
+        a = z.add_(ent[:, None]).mul_(-g_ent[:, None]).sub_(g_logp[:, None]).mul_(p).div_(temperature)
+        return a, None, g_logp / temperature
 
 
 def _mm_into(out: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> None:
@@ -300,6 +321,30 @@ def _mm_into(out: Tensor, a: Tensor, b: Tensor, accumulate: bool) -> None:
         out.add_(a @ b)
     else:
         out.copy_(a @ b)
+
+
+def _apply_tile_grad(a, r, c, t_rel, h_c, w_tile, gh_c, gw_tile, first_tile):
+    """gh_c [n, H] (=|+=) grad_raw @ w_tile and gw_tile [v, H] += grad_raw.T @ h_c, float32,
+    with grad_raw = r * a + c * onehot in the factored form of `grad` (r, c: [n] or None)."""
+    v = w_tile.shape[0]
+    a = a.to(h_c.dtype)
+    if c is not None:
+        in_tile = (t_rel >= 0) & (t_rel < v)
+        c = torch.where(in_tile, c, 0.0)
+        t_idx = t_rel.clamp(0, v - 1)
+    if gh_c is not None:
+        if r is None:
+            _mm_into(gh_c, a, w_tile, accumulate=not first_tile)
+        else:  # row scaling commutes with the matmul: (r * a) @ W = r * (a @ W)
+            ah = (a @ w_tile).float()
+            gh_c.copy_(ah.mul_(r[:, None])) if first_tile else gh_c.add_(ah.mul_(r[:, None]))
+        if c is not None:
+            gh_c.add_(c[:, None] * w_tile[t_idx].float())  # onehot @ W = W[target]
+    if gw_tile is not None:
+        hr = h_c if r is None else (h_c.float() * r[:, None]).to(h_c.dtype)
+        _mm_into(gw_tile, a.T, hr, accumulate=True)
+        if c is not None:
+            gw_tile.index_add_(0, t_idx, c[:, None] * h_c.float())  # onehot.T @ h
 
 
 class _FusedLogprobs(torch.autograd.Function):
@@ -316,21 +361,32 @@ class _FusedLogprobs(torch.autograd.Function):
         tgt = torch.empty_like(lse)
         ent = torch.empty_like(lse) if want_entropy else None
         one_tile = vocab_chunk >= vocab
+        fast_rows = one_tile and hasattr(tiles, "full_rows")
         eager = grad_in_forward and one_tile and not want_entropy
         grad_hidden = torch.empty(n_tok, hid, dtype=torch.float32, device=hidden.device) if eager else None
+        buf = _work_buffer(tiles, min(token_chunk, n_tok) * min(vocab_chunk, vocab), hidden.device)
         for n0 in range(0, n_tok, token_chunk):
-            h_c, t_c = h[n0 : n0 + token_chunk], targets[n0 : n0 + token_chunk]
+            sl = slice(n0, n0 + token_chunk)
+            h_c, t_c = h[sl], targets[sl]
+            if fast_rows:
+                z = tiles.logits(h_c, w, temperature, buf)  # [c, V]
+                lse[sl], tgt[sl], ent_c, p = tiles.full_rows(z, t_c, want_entropy, want_p=eager)
+                if want_entropy:
+                    ent[sl] = ent_c
+                if eager:  # grad for g = 1: (onehot - p) / T @ W = (W[target] - p @ W) / T
+                    a, r, c = p, torch.full_like(lse[sl], -1.0 / temperature), torch.full_like(lse[sl], 1.0 / temperature)
+                    _apply_tile_grad(a, r, c, t_c, h_c, w, grad_hidden[sl], None, first_tile=True)
+                continue
             st = _RowStats.empty(h_c.shape[0], hidden.device)
             for v0 in range(0, vocab, vocab_chunk):
-                z = tiles.logits(h_c, w[v0 : v0 + vocab_chunk], temperature)  # [c, vc]
-                z = tiles.stats(z, t_c - v0, st, want_entropy, temperature)
-            lse[n0 : n0 + token_chunk] = st.lse()
-            tgt[n0 : n0 + token_chunk] = st.tgt
+                z = tiles.logits(h_c, w[v0 : v0 + vocab_chunk], temperature, buf)  # [c, vc]
+                tiles.stats(z, t_c - v0, st, want_entropy, temperature)
+            lse[sl], tgt[sl] = st.lse(), st.tgt
             if want_entropy:
-                ent[n0 : n0 + token_chunk] = st.entropy()
-            if eager:  # grad of logp w.r.t. h_c for g = 1: (onehot - p) / T @ W   [c, H]
-                g_raw = tiles.eager_grad(z, t_c, st, temperature)
-                _mm_into(grad_hidden[n0 : n0 + token_chunk], g_raw.to(cd), w, accumulate=False)
+                ent[sl] = st.entropy()
+            if eager:  # one tile: z holds the raw logits still
+                a, r, c = tiles.grad(z, t_c, lse[sl], None, torch.ones_like(lse[sl]), None, temperature)
+                _apply_tile_grad(a, r, c, t_c, h_c, w, grad_hidden[sl], None, first_tile=True)
         ctx.save_for_backward(hidden, weight, targets, lse, ent, grad_hidden)
         ctx.cfg = (temperature, token_chunk, vocab_chunk, tiles)
         ctx.set_materialize_grads(False)
@@ -338,6 +394,7 @@ class _FusedLogprobs(torch.autograd.Function):
         return (logp, ent) if want_entropy else logp
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, g_logp, g_ent=None):
         hidden, weight, targets, lse, ent, grad_hidden_g1 = ctx.saved_tensors
         temperature, token_chunk, vocab_chunk, tiles = ctx.cfg
@@ -360,25 +417,30 @@ class _FusedLogprobs(torch.autograd.Function):
         n_tok, vocab = hidden.shape[0], weight.shape[0]
         gh = torch.empty(n_tok, hidden.shape[1], dtype=torch.float32, device=hidden.device) if need_h else None
         gw = torch.zeros(vocab, weight.shape[1], dtype=torch.float32, device=weight.device) if need_w else None
+        buf = _work_buffer(tiles, min(token_chunk, n_tok) * min(vocab_chunk, vocab), hidden.device)
         for n0 in range(0, n_tok, token_chunk):
             sl = slice(n0, n0 + token_chunk)
             h_c, t_c = h[sl], targets[sl]
             for v0 in range(0, vocab, vocab_chunk):
-                w_tile = w[v0 : v0 + vocab_chunk]
-                z = tiles.logits(h_c, w_tile, temperature)
-                g_raw = tiles.grad(
+                vs = slice(v0, v0 + vocab_chunk)
+                z = tiles.logits(h_c, w[vs], temperature, buf)
+                a, r, c = tiles.grad(
                     z, t_c - v0, lse[sl], None if ent is None else ent[sl], g_logp[sl],
                     None if g_ent is None else g_ent[sl], temperature,
-                ).to(cd)  # [c, vc]: d loss / d (h_c @ w_tile.T)
-                if need_h:
-                    _mm_into(gh[sl], g_raw, w_tile, accumulate=v0 > 0)
-                if need_w:
-                    _mm_into(gw[v0 : v0 + vocab_chunk], g_raw.T, h_c, accumulate=True)
+                )
+                _apply_tile_grad(
+                    a, r, c, t_c - v0, h_c, w[vs], gh[sl] if need_h else None, gw[vs] if need_w else None, v0 == 0
+                )
         if need_h:
             grad_h = gh.to(hidden.dtype)
         if need_w:
             grad_w = gw.to(weight.dtype)
         return (grad_h, grad_w) + nones
+
+
+def _work_buffer(tiles, numel: int, device) -> Tensor | None:
+    """One float32 tile buffer reused by every chunk of a call (torch tiles only)."""
+    return torch.empty(numel, dtype=torch.float32, device=device) if tiles is _TorchTiles else None
 
 
 def _fused_with(tiles, default_token_chunk):
@@ -488,8 +550,8 @@ def _triton_tiles():
         """Tiles stay raw (compute dtype, no / T); kernels cast to float32 and temper."""
 
         @staticmethod
-        def logits(h_c, w_tile, temperature):
-            return h_c @ w_tile.T  # [n, v], contiguous
+        def logits(h_c, w_tile, temperature, buf):
+            return h_c @ w_tile.T  # [n, v] raw logits in the compute dtype, contiguous
 
         @staticmethod
         def stats(z, t_rel, st, want_entropy, temperature):
@@ -500,11 +562,6 @@ def _triton_tiles():
             return z
 
         @staticmethod
-        def eager_grad(z, t_rel, st, temperature):
-            ones = torch.ones_like(st.s)
-            return TritonTiles.grad(z, t_rel, st.lse(), None, ones, None, temperature)
-
-        @staticmethod
         def grad(z, t_rel, lse, ent, g_logp, g_ent, temperature):
             has_ent = g_ent is not None
             grad_kernel[(z.shape[0],)](
@@ -512,7 +569,7 @@ def _triton_tiles():
                 ent.contiguous() if has_ent else lse, g_logp.contiguous(),
                 g_ent.contiguous() if has_ent else lse, 1.0 / temperature, HAS_ENT=has_ent, BLOCK=block(z.shape[1]),
             )
-            return z
+            return z, None, None  # the full gradient, onehot included (see _apply_tile_grad)
 
     return TritonTiles
 

@@ -188,12 +188,17 @@ def attach_adapters(base, cfg, adapter_path: str | None = None):
         model = get_peft_model(base, lora_config(cfg))
     else:
         check_adapter(adapter_path, base)
-        model = PeftModel.from_pretrained(base, adapter_path, adapter_name=REFERENCE, is_trainable=False)
-        model.load_adapter(adapter_path, adapter_name=POLICY, is_trainable=True)
-        model.set_adapter(POLICY)
+        model = PeftModel.from_pretrained(base, adapter_path, adapter_name=POLICY, is_trainable=True)
+        add_reference_adapter(model, adapter_path)
     if cfg.gradient_checkpointing:
         model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def add_reference_adapter(model, adapter_path: str | Path) -> None:
+    """Load `adapter_path` as the frozen `reference` adapter; the policy stays active."""
+    model.load_adapter(str(adapter_path), adapter_name=REFERENCE, is_trainable=False)
+    model.set_adapter(POLICY)
 
 
 def check_adapter(adapter_path: str, base) -> None:

@@ -39,7 +39,7 @@ class Rollout:
     completion_ids: Tensor  # [B, T] long, right-padded with the pad id; includes the EOS if emitted
     completion_mask: Tensor  # [B, T] long, 1 = real completion token (EOS included)
     truncated: Tensor  # [B] bool, True = no EOS within max_new_tokens
-    completion_texts: list[str]  # B strings: decoded without the stopping EOS, other special tokens kept
+    completion_texts: list[str]  # B strings, without the stopping EOS, other specials kept
     prompt_indices: Tensor  # [B] long, prompt of each row: i // group_size
     group_size: int  # G
 
@@ -272,7 +272,9 @@ def sample(
     return completion_ids, completion_mask, ~stopped
 
 
-def _decode_loop(model, input_ids, attention_mask, *, max_new_tokens, eos_token_ids, select, compact):
+def _decode_loop(
+    model, input_ids, attention_mask, *, max_new_tokens, eos_token_ids, select, compact
+):
     """The loop itself. Returns tokens [B, max_new_tokens] (junk past each row's length),
     lengths [B] long, stopped [B] bool (ended on an EOS)."""
     B, device = input_ids.shape[0], input_ids.device

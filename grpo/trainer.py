@@ -39,7 +39,7 @@ from grpo.model import (
     trainable_parameters,
 )
 from grpo.optim import build_optimizer, build_scheduler
-from grpo.rollout import Rollout, generate_rollout
+from grpo.rollout import Rollout, generate_rollout, resolve_pad_token_id
 
 
 @dataclass
@@ -220,7 +220,7 @@ class Trainer:
             )
             for i in range(0, len(texts), per_call)
         ]
-        return parts[0] if len(parts) == 1 else concat_rollouts(parts, self.tokenizer.pad_token_id)
+        return parts[0] if len(parts) == 1 else concat_rollouts(parts, resolve_pad_token_id(self.tokenizer))
 
     def prompt_text(self, row: dict) -> str:
         from data import apply_chat_template
@@ -282,17 +282,23 @@ class Trainer:
 
     def optimize(self, rollout: Rollout, adv: torch.Tensor, mask: torch.Tensor,
                  old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None) -> dict[str, float]:
-        """One optimizer step over the whole rollout, accumulated over micro-batches."""
+        """One optimizer step over the whole rollout."""
+        stats = self.accumulate_gradients(rollout, adv, mask, old_logp, ref_logp)
+        return {**stats, "grad_norm": self.clip_and_step()}
+
+    def accumulate_gradients(self, rollout: Rollout, adv: torch.Tensor, mask: torch.Tensor,
+                             old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None) -> dict[str, float]:
+        """Backward over micro-batches; the gradients sum to those of the whole batch.
+
+        adv [B], mask [B, T] (tokens in the loss), old_logp / ref_logp [B, T] or None.
+        """
         cfg = self.config
         self.model.train()
-        B = rollout.completion_ids.shape[0]
         # Whole-batch normalizers: the sum over micro-batches is the big-batch loss.
         norms = dict(num_sequences=max(int((mask.sum(-1) > 0).sum()), 1), num_tokens=max(int(mask.sum()), 1),
                      max_completion_length=cfg.max_completion_length)
-        totals: dict[str, float] = {"loss": 0.0, "kl": 0.0, "entropy": 0.0, "clip_ratio": 0.0,
-                                    "clip_ratio_low": 0.0, "clip_ratio_high": 0.0}
-        n_tokens = float(mask.sum().clamp(min=1))
-        for mb in self.micro_batches(B):
+        totals = dict.fromkeys(("loss", "kl", "entropy", "clip_ratio", "clip_ratio_low", "clip_ratio_high"), 0.0)
+        for mb in self.micro_batches(rollout.completion_ids.shape[0]):
             logp, entropy = self.logprobs(rollout, mb, return_entropy=True)  # [b, T]
             m = mask[mb]
             old = old_logp[mb] if old_logp is not None else logp.detach()
@@ -305,14 +311,13 @@ class Trainer:
             loss.backward()
             totals["loss"] += loss.item()
             totals["entropy"] += float((entropy * m).sum())
-            weight = float(m.sum())  # stats are masked means over this micro-batch's tokens
-            for key, name in (("clip_ratio", "clip_frac"), ("clip_ratio_low", "clip_low_frac"),
-                              ("clip_ratio_high", "clip_high_frac")):
-                totals[key] += float(stats[name]) * weight
-        grad_norm = self.clip_and_step()
+            tokens = float(m.sum())  # the clip stats are masked means over this micro-batch
+            totals["clip_ratio"] += float(stats["clip_frac"]) * tokens
+            totals["clip_ratio_low"] += float(stats["clip_low_frac"]) * tokens
+            totals["clip_ratio_high"] += float(stats["clip_high_frac"]) * tokens
         for key in ("kl", "entropy", "clip_ratio", "clip_ratio_low", "clip_ratio_high"):
-            totals[key] /= n_tokens
-        return {**totals, "grad_norm": grad_norm}
+            totals[key] /= norms["num_tokens"]  # token means over the batch
+        return totals
 
     def clip_and_step(self) -> float:
         params = trainable_parameters(self.model)

@@ -7,8 +7,6 @@ are a fixed table lookup of the last token (so stopping and decoding are scripte
 
 from __future__ import annotations
 
-import math
-import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -110,8 +108,8 @@ def test_greedy_matches_hf_generate_single_and_batch(model, tok, prompts):
     # Also stop on a token the greedy path emits early, so rows stop at different steps.
     stop_tok = int(hf_greedy(model, ids, mask, 8, EOS)[1, 5])
     for eos in ([EOS], [EOS, stop_tok]):
-        ref = hf_greedy(model, ids, mask, 24, eos)
-        got, got_mask, truncated = sample(model, ids, mask, max_new_tokens=24, eos_token_ids=eos,
+        ref = hf_greedy(model, ids, mask, 16, eos)
+        got, got_mask, truncated = sample(model, ids, mask, max_new_tokens=16, eos_token_ids=eos,
                                           pad_token_id=PAD, temperature=0)
         assert torch.equal(got, ref)
         assert torch.equal(truncated, ~torch.isin(ref, torch.tensor(eos)).any(-1))
@@ -119,9 +117,9 @@ def test_greedy_matches_hf_generate_single_and_batch(model, tok, prompts):
     # A single prompt (no padding at all).
     for p in prompts:
         ids1, mask1, _ = encode_prompts(tok, [p], None)
-        got1, _, _ = sample(model, ids1, mask1, max_new_tokens=24, eos_token_ids=[EOS],
+        got1, _, _ = sample(model, ids1, mask1, max_new_tokens=12, eos_token_ids=[EOS],
                             pad_token_id=PAD, temperature=0)
-        assert torch.equal(got1, hf_greedy(model, ids1, mask1, 24, EOS))
+        assert torch.equal(got1, hf_greedy(model, ids1, mask1, 12, EOS))
 
 
 def test_left_padding_does_not_change_greedy(model, tok, prompts):
@@ -405,3 +403,21 @@ def test_peft_lora_model_greedy_matches_generate(tok, prompts):
                        temperature=0)
     assert torch.equal(got, ref)
     assert lora.training and all(m.training for m in lora.modules())
+
+
+def test_4bit_lora_model_greedy_matches_generate(tok, prompts, tmp_path):
+    """Same code path on a bitsandbytes NF4 base + LoRA (4-bit works on CPU)."""
+    pytest.importorskip("bitsandbytes")
+    peft = pytest.importorskip("peft")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tiny_model().save_pretrained(tmp_path)
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                               bnb_4bit_compute_dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant,
+                                                device_map="cpu")
+    lora = peft.get_peft_model(base, peft.LoraConfig(target_modules=["q_proj", "v_proj"], r=4))
+    ids, mask, _ = encode_prompts(tok, prompts[:2], None)
+    got, _, _ = sample(lora, ids, mask, max_new_tokens=6, eos_token_ids=[EOS], pad_token_id=PAD,
+                       temperature=0)
+    assert torch.equal(got, hf_greedy(lora, ids, mask, 6, EOS))
