@@ -6,6 +6,8 @@ A checkpoint is a folder `checkpoint-{step}/` holding:
   rng.pt                                             torch CPU/CUDA RNG and the sampling generator
   trainer_state.json                                 step, data position, python RNG state
   config.yaml                                        the resolved config of the run
+  NAME.safetensors                                   optional extra weights (e.g. critic.safetensors:
+                                                     PPO's value adapter and head)
 It is written into `checkpoint-{step}.tmp-PID/` and renamed into place only when complete
 (`os.replace` of a directory is atomic on POSIX), so a crash mid-save leaves the previous
 checkpoints intact and no half checkpoint that `latest` could pick up.
@@ -83,8 +85,10 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     config,
     keep: int,
+    extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
-    """Write checkpoint-{step} atomically, then delete all but the newest `keep`."""
+    """Write checkpoint-{step} atomically, then delete all but the newest `keep`.
+    `extra_tensors` maps a name to a state dict written as NAME.safetensors."""
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f"checkpoint-{step}.tmp-{os.getpid()}"
@@ -98,6 +102,10 @@ def save_checkpoint(
         state = {**trainer_state, "step": step, "python_rng": _jsonable(random.getstate())}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
         config.save(tmp / "config.yaml")
+        for name, tensors in (extra_tensors or {}).items():
+            from safetensors.torch import save_file
+
+            save_file(tensors, str(tmp / f"{name}.safetensors"))
         _fsync_dir(tmp)
         if final.exists():  # re-saving the same step (e.g. resumed and stopped at once)
             shutil.rmtree(final)
@@ -135,6 +143,17 @@ def load_checkpoint(path: str | Path, *, model, optimizer, scheduler, generator:
         raise CheckpointError(f"checkpoint {path} could not be loaded: {err}") from err
     random.setstate(_python_rng(state.pop("python_rng")))
     return state
+
+
+def load_tensors(path: str | Path, name: str) -> dict[str, torch.Tensor]:
+    """The state dict saved as `extra_tensors[name]` in checkpoint `path`."""
+    from safetensors.torch import load_file
+
+    file = Path(path) / f"{name}.safetensors"
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint {path} has no {file.name}: it was saved by a run without a {name} "
+                              "(e.g. another algorithm); resume with the same algorithm.")
+    return load_file(str(file))
 
 
 def _jsonable(python_rng_state: tuple) -> list:

@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 import yaml
 
-ALGORITHMS = ("grpo", "dr_grpo", "dapo", "rloo", "gspo", "reinforce_pp")
+ALGORITHMS = ("grpo", "dr_grpo", "dapo", "rloo", "gspo", "reinforce_pp", "ppo")
 LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
 SCALE_REWARDS = ("group", "batch", "none")
 MODES = ("grpo", "sft", "both")
@@ -46,7 +46,7 @@ class GRPOConfig:
     mode: str = "grpo"
     """What to train: `grpo`, `sft` (supervised warm start), or `both` (SFT, then GRPO from it)."""
     algorithm: str = "grpo"
-    """RL algorithm: grpo | dr_grpo | dapo | rloo | gspo | reinforce_pp (sets advantage, loss and aggregation defaults)."""
+    """RL algorithm: grpo | dr_grpo | dapo | rloo | gspo | reinforce_pp | ppo (sets advantage, loss and aggregation defaults; see grpo/algorithms.py)."""
 
     # ---------------------------------------------------------------- model
     model: str = "embedded"
@@ -135,6 +135,26 @@ class GRPOConfig:
     """Exclude completions that hit max_completion_length from the loss."""
     drop_zero_std_groups: bool = False
     """Leave groups whose rewards are all equal out of the loss (they carry no GRPO signal)."""
+    kl_in_reward: Optional[bool] = None
+    """Put the KL penalty (beta * k1 per token) in the per-token reward instead of the loss. Default: on for ppo and reinforce_pp."""
+    dynamic_sampling: Optional[bool] = None
+    """DAPO dynamic sampling: redraw groups whose rewards are all equal until the batch is full of informative groups. Default: on for dapo."""
+    max_resample_rounds: int = 4
+    """Dynamic sampling: at most this many extra sampling rounds per step; then zero-variance groups fill the batch."""
+    overlong_penalty: Optional[float] = None
+    """DAPO soft overlong punishment: penalty at max_completion_length, ramping up over overlong_buffer tokens (0 = off). Default: 1.0 for dapo, else 0."""
+    overlong_buffer: Optional[int] = None
+    """Length of the overlong ramp before max_completion_length (DAPO's L_cache). Default: max_completion_length // 5."""
+    gamma: float = 1.0
+    """PPO: discount of the per-token rewards in GAE."""
+    lam: float = 0.95
+    """PPO: GAE lambda (1 = Monte-Carlo returns, 0 = one-step TD)."""
+    vf_coef: float = 0.1
+    """PPO: weight of the value loss (the critic has its own adapter and grad clipping, so it mostly scales the critic's step)."""
+    cliprange_value: float = 0.2
+    """PPO: the new values may move at most this far from the rollout's values in the clipped value loss."""
+    critic_learning_rate: Optional[float] = None
+    """PPO: peak learning rate of the critic (value adapter and head). Default: learning_rate."""
     logprob_method: str = "auto"
     """Log-prob kernel from grpo.logprobs (auto = fused on CPU, the fastest measured on CUDA)."""
 
@@ -191,6 +211,13 @@ class GRPOConfig:
             self.loss_type = algo_defaults["loss_type"]
         if self.epsilon_high is None:
             self.epsilon_high = algo_defaults.get("epsilon_high", self.epsilon_low)
+        for key in ("kl_in_reward", "dynamic_sampling", "overlong_penalty"):
+            if getattr(self, key) is None:
+                setattr(self, key, algo_defaults.get(key, _OFF[key]))
+        if self.overlong_buffer is None:
+            self.overlong_buffer = self.max_completion_length // 5
+        if self.critic_learning_rate is None:
+            self.critic_learning_rate = self.learning_rate
         if isinstance(self.lora_target_modules, str):
             self.lora_target_modules = [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
         if isinstance(self.reward_funcs, str):
@@ -203,6 +230,11 @@ class GRPOConfig:
             except (TypeError, ValueError):
                 raise ConfigError(f"reward_weights={self.reward_weights!r}: give numbers, e.g. 1.0,0.5.") from None
         self.validate()
+
+    @property
+    def needs_groups(self) -> bool:
+        """Whether something in this config compares the completions of one prompt."""
+        return self.algorithm not in GROUP_FREE or self.drop_zero_std_groups or bool(self.dynamic_sampling)
 
     @property
     def prompts_per_step(self) -> int:
@@ -223,9 +255,22 @@ class GRPOConfig:
              f"scale_rewards={self.scale_rewards!r}: choose one of {', '.join(SCALE_REWARDS)}."),
             (self.lr_scheduler in SCHEDULERS, f"lr_scheduler={self.lr_scheduler!r}: choose one of {', '.join(SCHEDULERS)}."),
             (self.report_to in REPORT_TO, f"report_to={self.report_to!r}: choose one of {', '.join(REPORT_TO)}."),
-            (self.num_generations >= 2,
-             f"num_generations={self.num_generations}: GRPO needs at least 2 completions per prompt "
-             "to compare them (group statistics); use 4-16."),
+            (self.num_generations >= 2 or (self.algorithm in GROUP_FREE and not self.needs_groups),
+             f"num_generations={self.num_generations}: algorithm={self.algorithm} needs at least 2 completions "
+             "per prompt to compare them (group statistics); use 4-16"
+             + (" (also for drop_zero_std_groups / dynamic_sampling)." if self.algorithm in GROUP_FREE
+                else f", or an algorithm without groups ({', '.join(GROUP_FREE)}).")),
+            (self.scale_rewards in ALLOWED_SCALES.get(self.algorithm, SCALE_REWARDS),
+             f"scale_rewards={self.scale_rewards!r} does not fit algorithm={self.algorithm}: choose one of "
+             f"{', '.join(ALLOWED_SCALES.get(self.algorithm, SCALE_REWARDS))}."),
+            (self.max_resample_rounds >= 0, f"max_resample_rounds={self.max_resample_rounds} must be >= 0."),
+            (self.overlong_penalty >= 0, f"overlong_penalty={self.overlong_penalty} must be >= 0 (a magnitude; 0 = off)."),
+            (0 <= self.overlong_buffer <= self.max_completion_length,
+             f"overlong_buffer={self.overlong_buffer} must be in [0, max_completion_length={self.max_completion_length}]."),
+            (0 <= self.gamma <= 1 and 0 <= self.lam <= 1, f"gamma={self.gamma} and lam={self.lam} must be in [0, 1]."),
+            (self.vf_coef > 0 and self.cliprange_value >= 0 and self.critic_learning_rate > 0,
+             f"vf_coef={self.vf_coef} and critic_learning_rate={self.critic_learning_rate} must be > 0, "
+             f"cliprange_value={self.cliprange_value} >= 0."),
             (self.batch_size > 0 and self.batch_size % self.num_generations == 0,
              f"batch_size={self.batch_size} is not a multiple of num_generations={self.num_generations}: "
              f"set batch_size to a multiple, e.g. {max(1, self.batch_size // self.num_generations) * self.num_generations}."),
@@ -298,14 +343,26 @@ ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
     # Dr.GRPO (Liu et al. 2025): no std scaling, constant length normalizer.
     "dr_grpo": {"scale_rewards": "none", "loss_type": "dr_grpo"},
     # DAPO (Yu et al. 2025): clip-higher (0.28), token-level loss over the batch.
-    "dapo": {"scale_rewards": "group", "loss_type": "dapo", "epsilon_high": 0.28},
+    # Dynamic sampling (Sec. 3.2) and soft overlong punishment (Sec. 3.4) on by default.
+    "dapo": {"scale_rewards": "group", "loss_type": "dapo", "epsilon_high": 0.28,
+             "dynamic_sampling": True, "overlong_penalty": 1.0},
     # RLOO (Ahmadian et al. 2024): leave-one-out baseline, no std scaling.
     "rloo": {"scale_rewards": "none", "loss_type": "grpo"},
     # GSPO (Zheng et al. 2025): sequence-level ratio; the paper uses tiny clip ranges.
     "gspo": {"scale_rewards": "group", "loss_type": "grpo"},
-    # REINFORCE++ (Hu 2025): batch-normalized advantages, token-level loss.
-    "reinforce_pp": {"scale_rewards": "batch", "loss_type": "bnpo"},
+    # REINFORCE++ (Hu 2025): batch-normalized advantages, token-level loss, KL in the reward.
+    "reinforce_pp": {"scale_rewards": "batch", "loss_type": "bnpo", "kl_in_reward": True},
+    # PPO (Schulman et al. 2017) with a critic, GAE and the KL in the reward (Ouyang et al. 2022);
+    # advantages are whitened over the batch, the token losses averaged over the batch.
+    "ppo": {"scale_rewards": "batch", "loss_type": "bnpo", "kl_in_reward": True},
 }
+# What an algorithm gets when ALGORITHM_DEFAULTS says nothing about these fields.
+_OFF: dict[str, Any] = {"kl_in_reward": False, "dynamic_sampling": False, "overlong_penalty": 0.0}
+# Algorithms whose advantage needs no group of completions per prompt (num_generations may be 1).
+GROUP_FREE = ("reinforce_pp", "ppo")
+# The scalings an advantage function accepts (RLOO's baseline is unscaled; REINFORCE++
+# normalizes over the batch or not at all; PPO always whitens its GAE advantages).
+ALLOWED_SCALES: dict[str, tuple[str, ...]] = {"rloo": ("none",), "reinforce_pp": ("batch", "none"), "ppo": ("batch",)}
 
 
 # ---------------------------------------------------------------- field docs, types, CLI

@@ -103,6 +103,9 @@ def _figure(plt, path: Path, title: str, ylabel: str, lines: list[tuple[str, lis
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
+    if lines:
+        fig.text(0.99, 0.01, f"dots: raw values; lines: EMA-smoothed (weight {SMOOTHING})",
+                 ha="right", va="bottom", fontsize=7, color="gray")
     if len(lines) + len(evals) > 1 or evals:
         ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
@@ -146,7 +149,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
         _figure(plt, out / "kl.png", "KL to the reference policy", "KL (mean per token)", lines("kl")),
         _figure(plt, out / "completion_length.png", "Completion length", "tokens",
                 lines("completion_length")),
-        _figure(plt, out / "loss.png", "Policy loss", "loss", lines("loss")),
+        _figure(plt, out / "loss.png", "Training loss (policy + KL terms)", "loss", lines("loss")),
         _figure(plt, out / "sft_loss.png", "SFT loss (warm start)", "cross-entropy loss",
                 [("sft loss", *series(sft, "loss"))]),
     ]

@@ -102,13 +102,14 @@ class SFTTrainer:
                     loss = sft_loss(self.model, micro, num_tokens, cfg.logprob_method)
                     loss.backward()
                     loss_total += loss.item()
+                lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
                 grad_norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(self.model),
                                                            cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.state.step += 1
-                metrics = {"loss": loss_total, "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0],
+                metrics = {"loss": loss_total, "grad_norm": float(grad_norm), "lr": lr,
                            "tokens": num_tokens, "step_s": time.perf_counter() - t0}
                 logger.log(self.state.step, metrics)
                 if cfg.save_steps and self.state.step % cfg.save_steps == 0:

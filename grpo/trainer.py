@@ -25,9 +25,11 @@ from typing import Any, Callable, Sequence
 import torch
 
 from grpo import checkpoint as ckpt
-from grpo.advantages import ADVANTAGES, zero_std_groups
+from grpo.advantages import zero_std_groups
+from grpo.algorithms import ALGORITHMS, AdvantageInputs, fill_batch, informative_groups, shaped_rewards
 from grpo.config import GRPOConfig
-from grpo.losses import POLICY_LOSSES, aggregate, kl_k3
+from grpo.critic import Critic
+from grpo.losses import POLICY_LOSSES, aggregate, kl_k3, value_loss
 from grpo.metrics import MetricsLogger
 from grpo.model import (
     attach_adapters,
@@ -126,16 +128,20 @@ class Trainer:
         self.state = TrainerState()
         self.prompts = PromptStream(self.train_rows, cfg.seed, self.state)
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed)
+        # The algorithm is a choice of advantage function, policy loss and critic (grpo/algorithms.py).
+        self.algorithm = ALGORITHMS[cfg.algorithm]
+        self.critic = Critic(self.model, cfg) if self.algorithm.uses_critic else None
         self.optimizer = build_optimizer(
             trainable_parameters(self.model), lr=cfg.learning_rate,
             weight_decay=cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2),
         )
+        if self.critic is not None:  # its own param group (learning rate) and its own grad clipping
+            self.optimizer.add_param_group({"params": self.critic.parameters(), "lr": cfg.critic_learning_rate})
         self.scheduler = build_scheduler(
             self.optimizer, warmup_steps=cfg.warmup_steps,
             total_steps=cfg.max_steps * cfg.num_iterations, kind=cfg.lr_scheduler,
         )
-        self.policy_loss = POLICY_LOSSES["gspo" if cfg.algorithm == "gspo" else "clip"]
-        self.advantage_fn = ADVANTAGES[cfg.algorithm]
+        self.policy_loss = POLICY_LOSSES[self.algorithm.policy_loss]
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict[str, Any]:
@@ -151,6 +157,8 @@ class Trainer:
         try:
             while self.state.step < cfg.max_steps:
                 metrics = self.step()
+                if cfg.eval_steps and self.eval_rows and self.state.step % cfg.eval_steps == 0:
+                    metrics.update(self.evaluate())
                 history.append(metrics)
                 if self.state.step % cfg.logging_steps == 0:
                     logger.log(self.state.step, metrics)
@@ -168,31 +176,48 @@ class Trainer:
             cb.on_train_end(self)
         return summarize(history, self.state.step, run_dir)
 
+    def evaluate(self) -> dict[str, float]:
+        """Greedy pass@1, format rate and lengths on the first eval_limit eval rows, as `test.py`."""
+        from grpo.evaluate import evaluate
+
+        cfg = self.config
+        summary, _ = evaluate(
+            self.model, self.tokenizer, self.eval_rows[: cfg.eval_limit], fmt=cfg.prompt_format,
+            max_new_tokens=cfg.max_completion_length, max_prompt_length=cfg.max_prompt_length,
+            batch_size=cfg.generation_batch_size or cfg.batch_size, seed=cfg.seed, progress=False,
+        )
+        return {f"eval/{k}": v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
     def step(self) -> dict[str, float]:
-        """One GRPO step: sample, score, normalize, then num_iterations optimizer updates."""
+        """One step: sample and score, advantages, then num_iterations optimizer updates."""
         cfg = self.config
         t0 = time.perf_counter()
-        rows = self.prompts.take(cfg.prompts_per_step)
-        rollout = self.generate(rows)  # B = P * G completions
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
+        rows, rollout, rewards, per_func, sampling = self.sample_batch()  # B = P * G; [B], [B, F]
         t1 = time.perf_counter()
-        rewards, per_func = self.score(rows, rollout)  # [B], [B, F]
-        adv = self.advantage_fn(rewards, cfg.num_generations, cfg.scale_rewards, cfg.adv_eps)  # [B]
-        zero_std = zero_std_groups(rewards, cfg.num_generations)  # [P]
+        train_rewards = shaped_rewards(rewards, rollout.completion_lengths, cfg)  # [B]: + overlong shaping
+        zero_std = zero_std_groups(train_rewards, cfg.num_generations)  # [P]
         mask = self.loss_mask(rollout, zero_std)  # [B, T]
         old_logp, ref_logp = self.frozen_logprobs(rollout)
+        old_values = self.critic_values(rollout) if self.critic is not None else None  # [B, T]
+        inputs = AdvantageInputs(train_rewards, rollout.completion_mask, old_logp, ref_logp, old_values)
+        adv, returns = self.algorithm.advantage(inputs, cfg)  # [B] or [B, T]; value targets [B, T] or None
+        value_targets = (old_values, returns) if self.critic is not None else None
         update = {}
         for _ in range(cfg.num_iterations):
-            update = self.optimize(rollout, adv, mask, old_logp, ref_logp)
+            update = self.optimize(rollout, adv, mask, old_logp, ref_logp, value_targets)
         t2 = time.perf_counter()
         self.state.step += 1
         metrics = {
             **update,
             **reward_metrics(rewards, per_func, self.reward_names),
+            **sampling,
+            **({"overlong_penalty": (train_rewards - rewards).mean().item()} if cfg.overlong_penalty else {}),
             "frac_reward_zero_std": zero_std.float().mean().item(),
             "completion_length": rollout.completion_lengths.float().mean().item(),
             "completion_length_max": rollout.completion_lengths.max().item(),
             "truncated_frac": rollout.truncated.float().mean().item(),
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": lr,
             "rollout_s": t1 - t0,
             "update_s": t2 - t1,
             "tokens_per_s": rollout.num_tokens / max(t2 - t0, 1e-9),
@@ -205,6 +230,41 @@ class Trainer:
         return metrics
 
     # ------------------------------------------------------------------ pieces of a step
+    def sample_batch(self) -> tuple[list[dict], Rollout, torch.Tensor, torch.Tensor, dict[str, float]]:
+        """P prompt rows, their G completions each, task rewards [B] and per-function rewards [B, F].
+
+        With dynamic sampling (DAPO, Yu et al. 2025, Sec. 3.2) groups whose (shaped) rewards
+        are all equal are set aside and more prompts drawn, for at most max_resample_rounds
+        extra rounds; if the batch is still short the set-aside groups fill it (their
+        advantage is 0). The last dict holds the sampling metrics (empty without it)."""
+        cfg = self.config
+        P, G = cfg.prompts_per_step, cfg.num_generations
+        rows = self.prompts.take(P)
+        rollout = self.generate(rows)
+        rewards, per_func = self.score(rows, rollout)
+        if not cfg.dynamic_sampling:
+            return rows, rollout, rewards, per_func, {}
+        draws = [(rows, rollout, rewards, per_func)]
+        informative = [informative_groups(shaped_rewards(rewards, rollout.completion_lengths, cfg), G)]  # [P]
+        rounds = 0
+        while (missing := P - int(torch.cat(informative).sum())) > 0 and rounds < cfg.max_resample_rounds:
+            rounds += 1
+            rows = self.prompts.take(missing)
+            rollout = self.generate(rows)
+            rewards, per_func = self.score(rows, rollout)
+            draws.append((rows, rollout, rewards, per_func))
+            informative.append(informative_groups(shaped_rewards(rewards, rollout.completion_lengths, cfg), G))
+        drawn = torch.cat(informative)  # [groups drawn]
+        groups = fill_batch(drawn.nonzero().flatten().tolist(), (~drawn).nonzero().flatten().tolist(), P)
+        all_rows = [r for d in draws for r in d[0]]
+        all_rewards = torch.cat([d[2] for d in draws])
+        rollout = draws[0][1] if len(draws) == 1 else concat_rollouts([d[1] for d in draws], resolve_pad_token_id(self.tokenizer))
+        index = torch.tensor([g * G + j for g in groups for j in range(G)], device=all_rewards.device)  # [B]
+        metrics = {"groups_drawn": float(len(all_rows)), "resample_rounds": float(rounds),
+                   "reward_sampled": all_rewards.mean().item()}  # over every completion drawn: unfiltered
+        return ([all_rows[g] for g in groups], select_rows(rollout, index), all_rewards[index],
+                torch.cat([d[3] for d in draws])[index.cpu()], metrics)
+
     def generate(self, rows: list[dict]) -> Rollout:
         """G completions per row, sampled in chunks of generation_batch_size completions."""
         cfg = self.config
@@ -273,24 +333,39 @@ class Trainer:
         self.model.train()
         old = ref = None
         batches = self.micro_batches(rollout.completion_ids.shape[0])
-        if cfg.num_iterations > 1:
+        if cfg.num_iterations > 1 or (cfg.kl_in_reward and cfg.beta > 0):  # the KL in the reward needs them
             old = torch.cat([self.logprobs(rollout, mb) for mb in batches])
         if cfg.beta > 0:
             with reference_model(self.model):
                 ref = torch.cat([self.logprobs(rollout, mb) for mb in batches])
         return old, ref
 
+    @torch.no_grad()
+    def critic_values(self, rollout: Rollout) -> torch.Tensor:
+        """V(s_t) [B, T] of the rollout under the current critic, in the update's micro-batches."""
+        self.model.train()
+        with self.critic.active():
+            return torch.cat([self.critic.values(rollout.prompt_ids[mb], rollout.prompt_mask[mb],
+                                                 rollout.completion_ids[mb], rollout.completion_mask[mb])
+                              for mb in self.micro_batches(rollout.completion_ids.shape[0])])
+
     def optimize(self, rollout: Rollout, adv: torch.Tensor, mask: torch.Tensor,
-                 old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None) -> dict[str, float]:
+                 old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
+                 value_targets: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
         """One optimizer step over the whole rollout."""
-        stats = self.accumulate_gradients(rollout, adv, mask, old_logp, ref_logp)
+        stats = self.accumulate_gradients(rollout, adv, mask, old_logp, ref_logp, value_targets)
+        if self.critic is not None:  # clipped on its own: value gradients must not shrink the policy's
+            stats["vf_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(
+                self.critic.parameters(), self.config.max_grad_norm if self.config.max_grad_norm > 0 else math.inf))
         return {**stats, "grad_norm": self.clip_and_step()}
 
     def accumulate_gradients(self, rollout: Rollout, adv: torch.Tensor, mask: torch.Tensor,
-                             old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None) -> dict[str, float]:
+                             old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
+                             value_targets: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
         """Backward over micro-batches; the gradients sum to those of the whole batch.
 
-        adv [B], mask [B, T] (tokens in the loss), old_logp / ref_logp [B, T] or None.
+        adv [B] or [B, T], mask [B, T] (tokens in the loss), old_logp / ref_logp [B, T] or None,
+        value_targets: (rollout values, returns), each [B, T], when there is a critic.
         """
         cfg = self.config
         self.model.train()
@@ -305,7 +380,8 @@ class Trainer:
             per_token, stats = self.policy_loss(logp, old, adv[mb], m, cfg.epsilon_low, cfg.epsilon_high)
             if ref_logp is not None:
                 kl = kl_k3(logp, ref_logp[mb])  # [b, T]
-                per_token = per_token + cfg.beta * kl
+                if not cfg.kl_in_reward:  # else the penalty is already in the advantages
+                    per_token = per_token + cfg.beta * kl
                 totals["kl"] += float((kl.detach() * m).sum())
             loss = aggregate(per_token, m, cfg.loss_type, **norms)
             loss.backward()
@@ -315,9 +391,28 @@ class Trainer:
             totals["clip_ratio"] += float(stats["clip_frac"]) * tokens
             totals["clip_ratio_low"] += float(stats["clip_low_frac"]) * tokens
             totals["clip_ratio_high"] += float(stats["clip_high_frac"]) * tokens
+            if value_targets is not None:
+                for key, value in self.value_backward(rollout, mb, *value_targets, m, norms).items():
+                    totals[key] = totals.get(key, 0.0) + value
+        if value_targets is not None:
+            totals["vf_clip_frac"] /= norms["num_tokens"]
         for key in ("kl", "entropy", "clip_ratio", "clip_ratio_low", "clip_ratio_high"):
             totals[key] /= norms["num_tokens"]  # token means over the batch
         return totals
+
+    def value_backward(self, rollout: Rollout, mb: slice, old_values: torch.Tensor, returns: torch.Tensor,
+                       mask: torch.Tensor, norms: dict[str, int]) -> dict[str, float]:
+        """vf_coef * the clipped value loss of one micro-batch (token mean over the batch),
+        backpropagated into the critic. old_values, returns [B, T]; mask [b, T]."""
+        cfg = self.config
+        with self.critic.active():  # forward and backward with the critic adapter on
+            values = self.critic.values(rollout.prompt_ids[mb], rollout.prompt_mask[mb],
+                                        rollout.completion_ids[mb], rollout.completion_mask[mb])  # [b, T]
+            per_token, stats = value_loss(values, old_values[mb], returns[mb], mask, cfg.cliprange_value)
+            loss = cfg.vf_coef * aggregate(per_token, mask, "bnpo", **norms)
+            loss.backward()
+        return {"vf_loss": loss.item(), "vf_clip_frac": float(stats["vf_clip_frac"]) * float(mask.sum()),
+                "value_mean": float((values.detach() * mask).sum()) / norms["num_tokens"]}
 
     def clip_and_step(self) -> float:
         params = trainable_parameters(self.model)
@@ -340,12 +435,15 @@ class Trainer:
             cfg.output_dir, self.state.step, model=self.model, optimizer=self.optimizer,
             scheduler=self.scheduler, generator=self.generator, trainer_state=state,
             config=cfg, keep=cfg.save_total_limit,
+            extra_tensors={"critic": self.critic.state_dict()} if self.critic is not None else None,
         )
 
     def resume(self, spec: str) -> None:
         path = ckpt.resolve_checkpoint(spec, self.config.output_dir)
         saved = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer,
                                      scheduler=self.scheduler, generator=self.generator)
+        if self.critic is not None:
+            self.critic.load_state_dict(ckpt.load_tensors(path, "critic"))
         for key in ("step", "epoch", "data_index", "metrics"):
             setattr(self.state, key, saved[key])
 
@@ -404,6 +502,17 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
         completion_texts=[t for p in parts for t in p.completion_texts],
         prompt_indices=torch.cat([p.prompt_indices + int(o) for p, o in zip(parts, offsets)]),
         group_size=parts[0].group_size,
+    )
+
+
+def select_rows(rollout: Rollout, index: torch.Tensor) -> Rollout:
+    """The rows `index` [B'] of a rollout, whole groups in order; prompt indices renumbered."""
+    G = rollout.group_size
+    return Rollout(
+        prompt_ids=rollout.prompt_ids[index], prompt_mask=rollout.prompt_mask[index],
+        completion_ids=rollout.completion_ids[index], completion_mask=rollout.completion_mask[index],
+        truncated=rollout.truncated[index], completion_texts=[rollout.completion_texts[i] for i in index.tolist()],
+        prompt_indices=torch.arange(index.numel(), device=index.device) // G, group_size=G,
     )
 
 

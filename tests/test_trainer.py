@@ -220,3 +220,16 @@ def test_lr_schedule_hand_worked():
     assert lr_factor(6, warmup_steps=2, total_steps=10, kind="cosine") == pytest.approx(0.5)
     assert lr_factor(6, warmup_steps=2, total_steps=10, kind="linear") == pytest.approx(0.5)
     assert lr_factor(9, warmup_steps=2, total_steps=10, kind="constant") == 1.0
+
+
+def test_evaluation_during_training_is_logged(tmp_path):
+    eval_rows = [{"question": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(3)]
+    config = grpo.GRPOConfig(output_dir=str(tmp_path / "run"), num_generations=4, batch_size=8, micro_batch_size=8,
+                             max_completion_length=6, max_steps=2, eval_steps=2, eval_limit=2, beta=0.0,
+                             save_steps=0, progress_bar=False, log_completions_steps=0)
+    trainer = grpo.Trainer(tiny_model(), tiny_tokenizer(), [digit_fraction], PROMPTS, config, eval_dataset=eval_rows)
+    trainer.train()
+    metrics = read_metrics(tmp_path / "run")
+    assert "eval/pass@1" not in metrics[0]
+    assert metrics[1]["eval/n_questions"] == 2
+    assert 0.0 <= metrics[1]["eval/pass@1"] <= 1.0 and 0.0 <= metrics[1]["eval/format_rate"] <= 1.0
