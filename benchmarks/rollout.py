@@ -121,7 +121,7 @@ def gpu_random_qwen3(tmp: str) -> str:
 
 
 def prompt_batch(args, tokenizer, device):
-    """[B, Tp] left-padded ids and mask: P prompts each repeated G times."""
+    """[P, Tp] left-padded ids and mask of the P distinct prompts."""
     from grpo.rollout import encode_prompts
     from data import apply_chat_template
 
@@ -133,7 +133,7 @@ def prompt_batch(args, tokenizer, device):
     else:
         texts = [apply_chat_template(tokenizer, r["prompt"]) for r in gsm8k_prompts(tokenizer, P)]
         ids, mask, _ = encode_prompts(tokenizer, texts, None)
-    return (ids.repeat_interleave(args.group, 0).to(device), mask.repeat_interleave(args.group, 0).to(device))
+    return ids.to(device), mask.to(device)
 
 
 def run_precision(args, precision: str, device: torch.device) -> list[dict]:
@@ -148,7 +148,8 @@ def run_precision(args, precision: str, device: torch.device) -> list[dict]:
         tokenizer, name = load_tokenizer(args.model), args.model
         pad_id = tokenizer.pad_token_id
     model = policy(name, precision == "4bit", device)
-    ids, mask = prompt_batch(args, tokenizer, device)
+    uniq_ids, uniq_mask = prompt_batch(args, tokenizer, device)  # [P, Tp]: ours prefill each prompt once
+    ids, mask = (x.repeat_interleave(args.group, 0) for x in (uniq_ids, uniq_mask))  # [B, Tp]: HF's input
     B, N = ids.shape[0], args.new_tokens
 
     t = time.perf_counter()
@@ -169,8 +170,8 @@ def run_precision(args, precision: str, device: torch.device) -> list[dict]:
     def ours(m):
         def run():
             g = torch.Generator(device).manual_seed(0)
-            return sample(m, ids, mask, max_new_tokens=N, eos_token_ids=[], pad_token_id=pad_id,
-                          temperature=1.0, generator=g, ignore_eos=True)
+            return sample(m, uniq_ids, uniq_mask, group_size=args.group, max_new_tokens=N, eos_token_ids=[],
+                          pad_token_id=pad_id, temperature=1.0, generator=g, ignore_eos=True)
         return run
 
     def fast_refresh():
@@ -182,7 +183,7 @@ def run_precision(args, precision: str, device: torch.device) -> list[dict]:
     calls = {"hf_generate": hf_generate, "ours_peft": ours(model), "ours_fast": ours(fast.model)}
     model.eval()
     times = {m: [] for m in args.methods}
-    for rep in range(args.repeats + 1):  # round 0 = warm-up
+    for rep in range(1 - args.warmup, args.repeats + 1):  # round 0 = warm-up
         for m in args.methods:
             if m == "ours_fast":
                 fast_refresh()
@@ -229,8 +230,13 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=256 if on_gpu else 64)
     p.add_argument("--prompt-len", type=int, default=128, help="GPU random prompts only")
     p.add_argument("--repeats", type=int, default=3, help="timed rounds after the warm-up round")
+    p.add_argument("--warmup", type=int, choices=(0, 1), default=1, help="1: one untimed round first")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1: on a shared 2-core machine, 2 OpenMP threads spin at barriers and "
+                        "every kernel ran 20-50x slower)")
     p.add_argument("--write", action="store_true", help=f"replace the {SECTION!r} section of RESULTS.md")
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
     if args.quick:
         args.group, args.batch, args.new_tokens, args.repeats, args.precisions = 4, 8, 16, 1, ["fp32"]
     if args.write and on_gpu:
@@ -253,9 +259,11 @@ def main(argv=None):
             f"Model: embedded SmolLM2-135M-Instruct + LoRA r 16 (alpha 32, all 7 projections, random "
             f"nonzero B). G {args.group}, batch {args.batch} (P {args.batch // args.group} GSM8K test "
             f"prompts), exactly {args.new_tokens} new tokens per row, temperature 1, top-k/top-p off; "
-            f"median of {args.repeats} timed rounds after a warm-up round. `hf_generate` = "
+            f"median of {args.repeats} timed rounds{' after a warm-up round' if args.warmup else ''}, "
+            f"torch threads {args.threads}. `hf_generate` = "
             "`PeftModel.generate` (what TRL does without vLLM); `ours_peft` = `grpo.rollout.sample` on "
-            "the PeftModel; `ours_fast` = `grpo.rollout.sample` on `grpo.fastgen.FastPolicy` (float32, "
+            "the PeftModel; both of ours prefill each distinct prompt once and repeat its KV cache G times "
+            "(`sample(..., group_size=G)`), HF prefills all B rows; `ours_fast` = `grpo.rollout.sample` on `grpo.fastgen.FastPolicy` (float32, "
             "LoRA merged, 4-bit base dequantized once).",
             "",
             *table,

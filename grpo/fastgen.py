@@ -59,21 +59,35 @@ def dense_weight(param: Tensor) -> Tensor:
     return param.detach()
 
 
-def _lora_delta(layer) -> Tensor | None:
-    """scaling * B @ A [out, in] summed over the layer's active LoRA adapters, or None."""
+def _lora_factors(layer) -> list[tuple[Tensor, Tensor, float]]:
+    """(B [out, r], A [r, in], scaling) of each active LoRA adapter of a PEFT LoRA layer."""
     if getattr(layer, "merged", False):
         raise FastPolicyError(f"{type(layer).__name__} has merged adapters; unmerge them before building a FastPolicy.")
+    if getattr(layer, "fan_in_fan_out", False):
+        raise FastPolicyError("LoRA on fan_in_fan_out layers (GPT-2 Conv1D) is not supported by FastPolicy.")
     if getattr(layer, "disable_adapters", False):
-        return None
-    delta = None
+        return []
+    factors = []
     for name in layer.active_adapters:
         if name not in layer.lora_A:
             continue
         if getattr(layer, "use_dora", {}).get(name, False):
             raise FastPolicyError(f"adapter {name!r} uses DoRA; FastPolicy merges plain LoRA only.")
-        d = layer.get_delta_weight(name).detach()  # [out, in], fan_in_fan_out handled by PEFT
-        delta = d if delta is None else delta + d
-    return delta
+        factors.append((layer.lora_B[name].weight.detach(), layer.lora_A[name].weight.detach(), layer.scaling[name]))
+    return factors
+
+
+@torch.no_grad()
+def merge_into(weight: Tensor, base_w: Tensor, layer) -> None:
+    """weight <- base_w + sum over active adapters of scaling * B @ A, in place.
+
+    One copy and one addmm per adapter, written straight into the copy's weight (no
+    temporary [out, in] tensor: on CPU, allocating ~100 M fresh floats per refresh cost
+    more than the matmuls). In float32 this is exactly PEFT's `get_delta_weight` merge.
+    """
+    weight.copy_(base_w)
+    for B, A, scaling in _lora_factors(layer):
+        weight.addmm_(B.to(weight.dtype), A.to(weight.dtype), alpha=scaling)  # [out, r] @ [r, in]
 
 
 def _unwrap_modules_to_save(module):
@@ -134,7 +148,7 @@ class FastPolicy:
             self._model = self._build()  # freshly built = already current
             return self._model
         for weight, layer, base_w in self._lora.values():
-            weight.copy_(_merged(base_w, _lora_delta(layer)))
+            merge_into(weight, base_w, layer)
         for dst, src in self._trainable_copies:
             dst.copy_(src)
         return self._model
@@ -177,7 +191,7 @@ class FastPolicy:
                 if base_w.dtype != self.dtype and not _same_tensor(base_w, base_layer.weight):
                     base_w = base_w.to(self.dtype)  # a fresh dequantized tensor: store it at copy precision
                 # Always a fresh tensor: refresh() writes into it, never into the base's weight.
-                state[f"{name}.weight"] = _merged(base_w, _lora_delta(src)).to(self.dtype, copy=True)
+                state[f"{name}.weight"] = torch.empty(base_w.shape, dtype=self.dtype, device=self.device)
                 self._lora[name] = (None, src, base_w)
                 if "bias" in own:
                     state[f"{name}.bias"] = self._shared_or_copy(base_layer.bias, converted)
@@ -211,6 +225,8 @@ class FastPolicy:
         for p in params.values():
             p.requires_grad_(False)
         self._lora = {n: (params[f"{n}.weight"], layer, base_w) for n, (_, layer, base_w) in self._lora.items()}
+        for weight, layer, base_w in self._lora.values():
+            merge_into(weight, base_w, layer)
         self._trainable_copies = [(params[k], src) for k, src in trainable_sources.items()
                                   if params[k].data_ptr() != src.data_ptr()]
         fast.eval()
@@ -224,15 +240,6 @@ class FastPolicy:
         if key not in converted:
             converted[key] = tensor.detach().to(self.device, self.dtype)
         return converted[key]
-
-
-def _merged(base_w: Tensor, delta: Tensor | None) -> Tensor:
-    """W_base + delta, summed in the wider of the two dtypes (float32 when the copy is bf16
-    and the LoRA is float32), so the only rounding is the final cast into the copy."""
-    if delta is None:
-        return base_w
-    dtype = torch.promote_types(base_w.dtype, delta.dtype)
-    return base_w.to(dtype) + delta.to(dtype)
 
 
 def _same_tensor(a: Tensor, b: Tensor) -> bool:

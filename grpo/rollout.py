@@ -235,6 +235,7 @@ def sample(
     generator: torch.Generator | None = None,
     ignore_eos: bool = False,
     compact: bool = True,
+    group_size: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Sample completions for left-padded prompts with a KV cache.
 
@@ -243,8 +244,11 @@ def sample(
     exactly `max_new_tokens` for every row (benchmarks). `compact=True` drops finished rows
     from the batch and the KV cache (same tokens, less work). `generator` must live on the
     model's device. Works on PEFT-wrapped and 4-bit models (same forward kwargs).
+    `group_size=G` samples G completions of each prompt (output row p*G + g from prompt p)
+    with ONE prefill per distinct prompt: the prompt's KV cache and last logits are
+    repeated G times after the prefill, so the prompt costs 1/G of repeating it.
 
-    Returns completion_ids [B, T] long (right-padded with `pad_token_id`),
+    Returns (B = number of prompts * group_size) completion_ids [B, T] long (right-padded with `pad_token_id`),
     completion_mask [B, T] long (1 up to and including the EOS), truncated [B] bool
     (stopped by the length limit, not by an EOS; all True with `ignore_eos`), where
     T = the longest completion produced (<= max_new_tokens).
@@ -257,9 +261,11 @@ def sample(
         )
     if not bool(attention_mask[:, -1].all()):
         raise ValueError("attention_mask: prompts must be LEFT-padded (last column all 1)")
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
     with torch.no_grad(), _eval_mode(model):
         tokens, lengths, stopped = _decode_loop(
-            model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+            model, input_ids, attention_mask, max_new_tokens=max_new_tokens, group_size=group_size,
             eos_token_ids=[] if ignore_eos else list(eos_token_ids),
             select=lambda logits: select_next_token(
                 logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
@@ -273,11 +279,11 @@ def sample(
 
 
 def _decode_loop(
-    model, input_ids, attention_mask, *, max_new_tokens, eos_token_ids, select, compact
+    model, input_ids, attention_mask, *, max_new_tokens, eos_token_ids, select, compact, group_size=1
 ):
     """The loop itself. Returns tokens [B, max_new_tokens] (junk past each row's length),
-    lengths [B] long, stopped [B] bool (ended on an EOS)."""
-    B, device = input_ids.shape[0], input_ids.device
+    lengths [B] long, stopped [B] bool (ended on an EOS); B = input rows * group_size."""
+    B, device = input_ids.shape[0] * group_size, input_ids.device
     tokens = torch.zeros((B, max_new_tokens), dtype=torch.long, device=device)
     lengths = torch.zeros(B, dtype=torch.long, device=device)
     stopped = torch.zeros(B, dtype=torch.bool, device=device)
@@ -291,8 +297,11 @@ def _decode_loop(
     extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                 past_key_values=cache, use_cache=True, **extra)
-    logits = out.logits[:, -1]  # [b, V]
-    next_pos = position_ids[:, -1:] + 1  # [b, 1]
+    logits = out.logits[:, -1]  # [P, V]
+    next_pos = position_ids[:, -1:] + 1  # [P, 1]
+    if group_size > 1:  # one prefill per prompt, then G copies of its cache: [P, ...] -> [P*G, ...]
+        cache.batch_repeat_interleave(group_size)
+        logits, mask, next_pos = (x.repeat_interleave(group_size, dim=0) for x in (logits, mask, next_pos))
 
     for t in range(max_new_tokens):
         tok = select(logits)  # [b]
@@ -374,10 +383,11 @@ def generate_rollout(
     device = next(model.parameters()).device
     # Encode each prompt once, then repeat: the truncation warning counts prompts, not rows.
     ids, mask, _ = encode_prompts(tokenizer, prompt_texts, max_prompt_length)  # [P, Tp]
-    prompt_ids = ids.repeat_interleave(group_size, dim=0).to(device)  # [B, Tp]
-    prompt_mask = mask.repeat_interleave(group_size, dim=0).to(device)  # [B, Tp]
+    ids, mask = ids.to(device), mask.to(device)
+    prompt_ids = ids.repeat_interleave(group_size, dim=0)  # [B, Tp]
+    prompt_mask = mask.repeat_interleave(group_size, dim=0)  # [B, Tp]
     completion_ids, completion_mask, truncated = sample(
-        model, prompt_ids, prompt_mask,
+        model, ids, mask, group_size=group_size,
         max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids,
         pad_token_id=resolve_pad_token_id(tokenizer), temperature=temperature,
         top_p=top_p, top_k=top_k, generator=generator,

@@ -28,6 +28,7 @@ from grpo import checkpoint as ckpt
 from grpo.advantages import zero_std_groups
 from grpo.algorithms import ALGORITHMS, AdvantageInputs, fill_batch, informative_groups, shaped_rewards
 from grpo.config import GRPOConfig
+from grpo.fastgen import FastPolicy
 from grpo.critic import Critic
 from grpo.losses import POLICY_LOSSES, aggregate, kl_k3, value_loss
 from grpo.metrics import MetricsLogger
@@ -128,6 +129,7 @@ class Trainer:
         self.state = TrainerState()
         self.prompts = PromptStream(self.train_rows, cfg.seed, self.state)
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed)
+        self.fast_policy = FastPolicy(self.model) if cfg.fast_rollout else None  # built on first rollout
         # The algorithm is a choice of advantage function, policy loss and critic (grpo/algorithms.py).
         self.algorithm = ALGORITHMS[cfg.algorithm]
         self.critic = Critic(self.model, cfg) if self.algorithm.uses_critic else None
@@ -272,9 +274,11 @@ class Trainer:
         for r, t in zip(rows, texts):
             r.setdefault("prompt_text", t)
         per_call = (cfg.generation_batch_size or cfg.batch_size) // cfg.num_generations
+        # The fast copy is re-merged from the current adapter; log-probs still use self.model.
+        sampler = self.fast_policy.refresh() if self.fast_policy is not None else self.model
         parts = [
             generate_rollout(
-                self.model, self.tokenizer, texts[i : i + per_call], group_size=cfg.num_generations,
+                sampler, self.tokenizer, texts[i : i + per_call], group_size=cfg.num_generations,
                 max_prompt_length=cfg.max_prompt_length, max_new_tokens=cfg.max_completion_length,
                 temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, generator=self.generator,
             )
