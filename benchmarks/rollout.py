@@ -252,8 +252,8 @@ def main(argv=None):
         cmd = "python benchmarks/rollout.py " + " ".join(sys.argv[1:] if argv is None else argv)
         write_section(SECTION, "\n".join([
             f"Measured {datetime.date.today().isoformat()} on {machine()}; {load_average()} at the end "
-            "(the 2 cores were shared with other jobs, so absolute figures are noisy; methods ran "
-            "interleaved and the table gives medians).",
+            "(a load above the benchmark's own threads means other jobs shared the cores); methods "
+            "ran interleaved and the table gives medians.",
             f"Command: `{cmd}`",
             "",
             f"Model: embedded SmolLM2-135M-Instruct + LoRA r 16 (alpha 32, all 7 projections, random "

@@ -6,13 +6,12 @@ V(s_t) values the state before token t is chosen, as GAE expects.
 
 Why a separate adapter and not a head on the policy's hidden states (shared trunk)?
 Measured on CPU (`benchmarks/algorithms.py --part critic`, RESULTS.md "Critic designs for
-PPO"; 4-layer H = 256 model, B = 8, 32 + 64 tokens, one micro-batch update, on a heavily
-shared 2-core machine, so noisy): no critic 1.00x, shared trunk 1.28x (1.53x in a second
-run), separate adapter 1.48x (5.7x) the update time; saved activations 62 MB in all three (the critic's graph is freed before the
-next one is built, so its peak is not the sum); the adapter adds 262k trainable parameters
-against 257 for the shared head. Sampling dominates a step on CPU: the whole 12-step toy
-run took 149 s with ppo against 158 s with grpo (the difference is within the load noise).
-We take the separate adapter because
+PPO"; 4-layer H = 256 model, B = 8, 32 + 64 tokens, one micro-batch update, median of 3 on
+an idle machine): no critic 146 ms, shared trunk 151 ms (1.03x), separate adapter 299 ms
+(2.05x: one more forward/backward of the base); saved activations 62 MB in all three (the
+critic's graph is freed before the next one is built); the adapter adds 262k trainable
+parameters against 257 for the shared head. The shared trunk is the cheaper one; we still
+take the separate adapter (`shared` is the switch to add if the cost matters) because
 - the value loss cannot pull the policy's features around (no vf_coef balancing of two
   losses on one trunk; early value errors are large and would dominate the policy
   gradient), which is why InstructGPT-style PPO keeps a separate value model;
