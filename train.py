@@ -27,6 +27,17 @@ def build_datasets(cfg):
     return make_prompt_rows(rows, fmt), [sft_target(r, fmt) for r in rows], eval_rows
 
 
+def write_plots(run_dir: str) -> list:
+    """PNG learning curves of the run (grpo.plot); skipped with a note when matplotlib is missing."""
+    from grpo.plot import PlotError, plot_run
+
+    try:
+        return plot_run(run_dir)
+    except PlotError as err:
+        print(f"(no plots: {err})")
+        return []
+
+
 def run(cfg) -> dict:
     """SFT and/or GRPO as `cfg.mode` says; returns the GRPO summary (or the SFT adapter path)."""
     import torch
@@ -48,6 +59,7 @@ def run(cfg) -> dict:
         add_reference_adapter(model, adapter)  # GRPO's KL reference is the frozen SFT policy
     trainer = Trainer(model, tokenizer, cfg.reward_funcs, train_rows, cfg, eval_dataset=eval_rows)
     summary = trainer.train()
+    plots = write_plots(summary["run_dir"])
     print(
         f"\nGRPO: {summary['steps']} steps in {summary['run_dir']}\n"
         f"  mean reward, first steps: {summary['reward_first']:.3f}\n"
@@ -55,6 +67,7 @@ def run(cfg) -> dict:
         f"  adapter: {summary['run_dir']}/checkpoint-{summary['steps']} "
         f"(load with peft.PeftModel.from_pretrained)\n"
         f"  metrics: {summary['run_dir']}/metrics.jsonl"
+        + (f"\n  plots: {Path(plots[0]).parent}/ ({len(plots)} PNGs)" if plots else "")
     )
     return summary
 
