@@ -14,12 +14,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from common import machine, write_section  # benchmarks/common.py (the script's folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Embedded demo: GRPO step on CPU, 4-bit vs full precision"
@@ -63,18 +64,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
-    path = ROOT / "benchmarks" / "RESULTS.md"
-    content = path.read_text() if path.exists() else "# Measured results\n"
-    start = content.find(SECTION)
-    if start >= 0:
-        nxt = content.find("\n## ", start + len(SECTION))
-        content = content[:start] + text + ("\n" + content[nxt + 1:] if nxt >= 0 else "")
-    else:
-        content = content.rstrip("\n") + "\n\n" + text
-    path.write_text(content.rstrip("\n") + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=4, help="GRPO steps per variant (the first is not timed)")
@@ -88,17 +77,11 @@ def main() -> None:
     out = table(rows)
     print(out)
     if args.write:
-        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), platform.processor())
-        import os
-
-        import torch
-        text = (f"{SECTION}\n\nMeasured {datetime.date.today()} on {cpu}, {os.cpu_count()} cores, torch "
-                f"{torch.__version__}, with `python benchmarks/demo_step.py --steps {args.steps} --write`: the demo "
+        text = (f"Measured {datetime.date.today()} on {machine()}, with `python benchmarks/demo_step.py --steps {args.steps} --write`: the demo "
                 f"config's GRPO step (SmolLM2-135M-Instruct, LoRA r=16 on all projections, G=4, 8 completions "
                 f"of up to 64 tokens, micro-batch 4, beta 0.04), median over {rows[0]['steps_timed']} steps after "
                 f"a warm-up step.\n\n{out}\n")
-        write_section(text)
+        write_section(SECTION, text)
 
 
 if __name__ == "__main__":

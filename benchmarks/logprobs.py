@@ -34,8 +34,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import re
 import resource
 import statistics
 import subprocess
@@ -45,8 +43,9 @@ from pathlib import Path
 
 import torch
 
+from common import machine, write_section  # benchmarks/common.py (the script's folder)
+
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SECTION = "## Log-prob kernels (CPU)"
 
 ALL_METHODS = ["floor", "naive", "selective", "chunked", "fused", "fused-recompute", "compiled", "triton", "trl"]
@@ -219,18 +218,6 @@ def run_child(args, shape, method, mode) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def machine() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    model = platform.processor() or "cpu"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = re.search(r"Model name:\s*(.+)", out).group(1).strip()
-    except (OSError, AttributeError):
-        pass
-    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
-
-
 def sweep(args) -> list[dict]:
     rows = []
     skip = {m: unavailable(m, args.device, args.trl_path) for m in args.methods}
@@ -274,8 +261,6 @@ def write_results(args, rows) -> None:
     cmd = "python benchmarks/logprobs.py " + " ".join(sys.argv[1:])
     body = "\n".join(
         [
-            SECTION,
-            "",
             f"Measured {datetime.date.today().isoformat()} on {machine()}, {args.dtype}, "
             f"median of {args.repeats} timed call(s), each (shape, mode, method) in a fresh process "
             "(warm-up call only for `compiled`, which compiles).",
@@ -292,11 +277,7 @@ def write_results(args, rows) -> None:
             "",
         ]
     )
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n\nMeasured tables; each section is written by its benchmark script.\n"
-    pattern = re.compile(re.escape(SECTION) + r".*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: body + "\n", text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + body
-    RESULTS.write_text(text)
-    print(f"wrote {RESULTS}")
+    write_section(SECTION, body)
 
 
 def parse_shapes(text: str):

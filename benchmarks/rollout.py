@@ -23,11 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import platform
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,43 +31,15 @@ from pathlib import Path
 
 import torch
 
+from common import load_average, machine, write_section  # benchmarks/common.py (the script's folder)
+
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 SECTION = "## Rollout throughput (CPU)"
 GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
 METHODS = ("hf_generate", "ours_peft", "ours_fast")
 
 
 # ---------------------------------------------------------------- shared with benchmarks/step.py
-def machine() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    name = platform.processor() or "cpu"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        name = re.search(r"Model name:\s*(.+)", out).group(1).strip()
-    except (OSError, AttributeError):
-        pass
-    return f"{name}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
-
-
-def load_average() -> str:
-    try:
-        return "load average " + ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    except OSError:
-        return "load average unknown"
-
-
-def write_section(section: str, body: str) -> None:
-    """Replace `section` (up to the next `## ` heading) in RESULTS.md, or append it."""
-    text = RESULTS.read_text() if RESULTS.exists() else "# Measured results\n"
-    block = section + "\n\n" + body.strip("\n") + "\n"
-    pattern = re.compile(re.escape(section) + r"\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: block + "\n", text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + block
-    RESULTS.write_text(text)
-    print(f"wrote {section!r} to {RESULTS}")
-
-
 def gsm8k_prompts(tokenizer, n: int, fmt: str = "xml") -> list[dict]:
     """n GSM8K test rows as chat prompt rows (messages + answer); synthetic ones if the
     shared data is absent."""

@@ -34,7 +34,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from rollout import gsm8k_prompts, load_average, machine, write_section  # noqa: E402
+from common import load_average, machine, write_section  # noqa: E402
+from rollout import gsm8k_prompts  # noqa: E402
 
 SECTION = "## Whole GRPO step vs TRL (CPU)"
 REWARDS = ("correctness", "strict_format", "xmlcount")
