@@ -155,7 +155,7 @@ def load_base_model(
 def _not_loadable(what: str, name: str, err: Exception) -> str:
     where = "folder" if Path(name).exists() else "hub id or path"
     return (
-        f"could not load the {what} {name!r} ({where}): {str(err).splitlines()[0][:300]}. "
+        f"could not load the {what} {name!r} ({where}): {str(err).splitlines()[0][:300].rstrip('.')}. "
         "If this machine is offline, download the model elsewhere (`huggingface-cli download ID "
         "--local-dir DIR`), copy it here and pass --model DIR; `--model embedded` runs offline."
     )
