@@ -158,7 +158,7 @@ class GRPOConfig:
     critic_learning_rate: Optional[float] = None
     """PPO: peak learning rate of the critic (value adapter and head). Default: learning_rate."""
     logprob_method: str = "auto"
-    """Log-prob kernel from grpo.logprobs (auto = fused on CPU, the fastest measured on CUDA)."""
+    """Log-prob kernel from grpo.logprobs.METHODS (auto = fused; triton is opt-in until measured on a GPU)."""
 
     # ---------------------------------------------------------------- optimization
     max_steps: int = 100

@@ -227,6 +227,7 @@ def test_registry_and_default_method():
     assert set(METHODS) == {"naive", "selective", "chunked", "fused", "compiled", "triton"}
     assert default_method("cpu") == "fused"
     assert default_method(torch.device("cpu")) == "fused"
+    assert default_method("cuda") == "fused"  # triton stays opt-in until measured on a GPU
 
 
 def test_triton_without_cuda_raises_clearly():
