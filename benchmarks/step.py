@@ -222,8 +222,9 @@ def main(argv=None):
     if args.write:
         cmd = "python benchmarks/step.py " + " ".join(sys.argv[1:] if argv is None else argv)
         write_section(SECTION, "\n".join([
-            f"Measured {datetime.date.today().isoformat()} on {machine()}; {load_average()} at the end (the 2 cores "
-            "were shared with other jobs: figures are noisy; frameworks ran interleaved in fresh processes).",
+            f"Measured {datetime.date.today().isoformat()} on {machine()}; {load_average()} at the end (a load above "
+            "the benchmark's own threads means other jobs shared the cores); frameworks ran interleaved in fresh "
+            "processes.",
             f"Command: `{cmd}`",
             "",
             f"Embedded SmolLM2-135M-Instruct, {'4-bit NF4' if args.four_bit else 'float32'} base, LoRA r 16 / alpha 32 / "
