@@ -64,21 +64,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def parse_k_list(text: str, n_samples: int) -> list[int]:
     """'1,5,10' -> [1, 5, 10]; every k >= 1, and k <= n_samples except k = 1 (greedy)."""
+    from grpo.evaluate import check_k_list
+
     try:
         ks = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise ValueError(f"--k {text!r}: expected comma-separated integers such as 1,5,10") from None
-    if not ks or any(k < 1 for k in ks):
-        raise ValueError(f"--k {text!r}: every k must be an integer >= 1")
     if n_samples < 0:
         raise ValueError(f"--samples {n_samples}: must be >= 0")
-    too_big = [k for k in ks if k > max(n_samples, 1)]
-    if too_big:
-        raise ValueError(
-            f"--k {text}: pass@{too_big[0]} needs at least {too_big[0]} samples per question but "
-            f"--samples is {n_samples} (k > n); pass --samples {max(ks)} or more"
-        )
-    return sorted(set(ks))
+    return check_k_list(ks, n_samples)
 
 
 def resolve_adapter(adapter: str | None, checkpoint: str | None) -> str | None:

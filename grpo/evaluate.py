@@ -241,13 +241,18 @@ def _check_eval_args(rows, fmt, k_list, n_samples, batch_size) -> list[int]:
         raise ValueError(f"evaluate: n_samples must be >= 0, got {n_samples}")
     if batch_size < 1:
         raise ValueError(f"evaluate: batch_size must be >= 1, got {batch_size}")
+    return check_k_list(k_list, n_samples)
+
+
+def check_k_list(k_list: Sequence[int], n_samples: int) -> list[int]:
+    """Sorted distinct ks; each >= 1 and <= n_samples (k = 1 alone is greedy, needs no samples)."""
     k_list = sorted({int(k) for k in k_list})
-    if any(k < 1 for k in k_list):
-        raise ValueError(f"evaluate: every k must be >= 1, got k_list={list(k_list)}")
+    if not k_list or any(k < 1 for k in k_list):
+        raise ValueError(f"evaluate: every k must be an integer >= 1, got k_list={list(k_list)}")
     too_big = [k for k in k_list if k > max(n_samples, 1)]
     if too_big:
         raise ValueError(
-            f"evaluate: pass@{too_big[0]} needs at least {too_big[0]} samples per question, "
+            f"evaluate: pass@{too_big[0]} needs at least {too_big[0]} samples per question (k > n), "
             f"but n_samples={n_samples}; raise n_samples (--samples) to >= {max(k_list)} or drop k={too_big[0]}"
         )
     return k_list

@@ -170,7 +170,7 @@ class Trainer:
                     cb.on_step_end(self, metrics)
                 if cfg.save_steps and self.state.step % cfg.save_steps == 0:
                     self.save()
-            if not ckpt.list_checkpoints(run_dir) or ckpt.list_checkpoints(run_dir)[-1].name != f"checkpoint-{self.state.step}":
+            if not (run_dir / f"checkpoint-{self.state.step}").is_dir():  # the end is always saved
                 self.save()
         finally:
             logger.close()
@@ -330,8 +330,8 @@ class Trainer:
 
     @torch.no_grad()
     def frozen_logprobs(self, rollout: Rollout) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Old policy log-probs (only when num_iterations > 1) and reference log-probs
-        (only when beta > 0), each [B, T], computed once per rollout in the same
+        """Old policy log-probs (when num_iterations > 1, or when the KL goes into the reward)
+        and reference log-probs (when beta > 0), each [B, T], computed once per rollout in the same
         micro-batches as the update, so that at step 0 the KL is exactly 0."""
         cfg = self.config
         self.model.train()
