@@ -26,6 +26,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--model", default="embedded",
                    help="base model: a hub id, a local folder, or 'embedded' (SmolLM2-135M-Instruct, offline)")
+    p.add_argument("--trust_remote_code", action="store_true",
+                   help="run the Python code a model repository ships (off: only for a repository you trust)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--adapter", help="a PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")
     src.add_argument("--checkpoint",
@@ -82,7 +84,8 @@ def resolve_adapter(adapter: str | None, checkpoint: str | None) -> str | None:
 
     if adapter is not None:
         if not Path(adapter).is_dir():
-            raise CheckpointError(f"--adapter {adapter!r}: no such folder")
+            raise CheckpointError(f"--adapter {adapter!r}: no such folder; pass a folder written by save_pretrained "
+                                  "(a run's checkpoint-N/ or sft/adapter/), or use --checkpoint RUN_DIR")
         return adapter
     if checkpoint is None:
         return None
@@ -107,12 +110,12 @@ def resolve_adapter(adapter: str | None, checkpoint: str | None) -> str | None:
 # Model
 
 
-def load_model(name: str, adapter: str | None):
+def load_model(name: str, adapter: str | None, trust_remote_code: bool = False):
     """(model, tokenizer): the base, with the adapter applied when given, in eval mode."""
     from grpo.model import check_adapter, load_base_model, load_tokenizer
 
-    tokenizer = load_tokenizer(name)
-    model = load_base_model(name)
+    tokenizer = load_tokenizer(name, trust_remote_code=trust_remote_code)
+    model = load_base_model(name, trust_remote_code=trust_remote_code)
     if adapter is not None:
         from peft import PeftModel
 
@@ -248,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.limit is not None and args.limit < 1:
                 raise ValueError(f"--limit {args.limit}: must be >= 1")
             rows = load_gsm8k(args.dataset, args.split, limit=args.limit)
-        model, tokenizer = load_model(args.model, adapter)
+        model, tokenizer = load_model(args.model, adapter, trust_remote_code=args.trust_remote_code)
         if args.question is not None:
             run_interactive(args, model, tokenizer, [args.question])
         elif args.interactive:

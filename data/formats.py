@@ -166,7 +166,8 @@ def apply_chat_template(
         )
     warnings.warn(
         f"tokenizer {name!r} has no chat template; using the plain "
-        "'System: ...\\n\\nUser: ...\\n\\nAssistant:' prompt",
+        "'System: ...\\n\\nUser: ...\\n\\nAssistant:' prompt (set tokenizer.chat_template, or use an "
+        "instruct model's tokenizer, for the prompt the model was tuned on)",
         stacklevel=2,
     )
     return plain_chat(messages, add_generation_prompt)

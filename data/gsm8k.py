@@ -61,11 +61,17 @@ def parse_gold(solution: str, *, where: str = "") -> tuple[str, str]:
     if not isinstance(solution, str):
         raise DataError(f"{prefix}answer must be a string, got {type(solution).__name__}")
     if "####" not in solution:
-        raise DataError(f"{prefix}answer has no '#### N' line: {_clip(solution)!r}")
+        raise DataError(
+            f"{prefix}answer has no '#### N' line: {_clip(solution)!r}; end each answer with a "
+            "line '#### N', N the final number (the GSM8K layout)"
+        )
     reasoning, _, gold_text = solution.rpartition("####")
     gold = parse_number(gold_text)
     if gold is None:
-        raise DataError(f"{prefix}gold answer after '####' is not a number: {gold_text.strip()!r}")
+        raise DataError(
+            f"{prefix}gold answer after '####' is not a number: {gold_text.strip()!r}; write the "
+            "final answer as a number after '####', e.g. '#### 72'"
+        )
     return reasoning.strip(), canonical_number(gold)
 
 
@@ -128,7 +134,10 @@ def load_rows(source: str, split: str = "train") -> list[tuple[str, dict]]:
     if path.exists():
         return _read_files([path])
     if path.suffix in FILE_SUFFIXES or source.startswith((".", "/", "~")):
-        raise DataError(f"{source}: no such file or folder")
+        raise DataError(
+            f"{source}: no such file or folder; check the path, or pass a .jsonl/.json/.parquet file, "
+            "a folder of them, a hub id (openai/gsm8k) or 'synthetic'"
+        )
     return _hub_rows(source, split)
 
 
@@ -136,7 +145,8 @@ def _gsm8k_row(raw: dict, where: str, keep_calculator: bool) -> dict:
     missing = [c for c in REQUIRED_COLUMNS if c not in raw]
     if missing:
         raise DataError(
-            f"{where}: missing column {missing[0]!r} (columns found: {sorted(raw)})"
+            f"{where}: missing column {missing[0]!r} (columns found: {sorted(raw)}); every row needs "
+            "'question' and 'answer' (GSM8K's names): rename the columns to these"
         )
     question = raw["question"]
     if not isinstance(question, str) or not question.strip():
@@ -184,16 +194,23 @@ def _split_files(folder: Path, split: str) -> list[Path]:
         shards = sorted(base.glob(f"{split}-*.parquet"))
         if shards:
             return shards
+    found = sorted({p.name.split(".")[0].split("-")[0] for base in (folder, folder / "main") if base.is_dir()
+                    for p in base.iterdir() if p.suffix in FILE_SUFFIXES})
     raise DataError(
         f"{folder}: no file for split {split!r} (looked for {split}.jsonl, {split}.json, "
-        f"{split}.parquet and {split}-*.parquet, also under main/)"
+        f"{split}.parquet and {split}-*.parquet, also under main/); "
+        + (f"the splits there are {', '.join(found)}: choose one (train.py --dataset_split, test.py --split)"
+           if found else "the folder holds no .jsonl/.json/.parquet file")
     )
 
 
 def _read_files(paths: list[Path]) -> list[tuple[str, dict]]:
     records = [rec for path in paths for rec in _read_file(path)]
     if not records:
-        raise DataError(f"{', '.join(map(str, paths))}: no rows (empty file)")
+        raise DataError(
+            f"{', '.join(map(str, paths))}: no rows (empty file); write one JSON object per line, "
+            'e.g. {"question": "...", "answer": "... #### 72"}'
+        )
     return records
 
 

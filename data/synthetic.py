@@ -199,7 +199,7 @@ def _shopping(s: _Story, steps: int) -> int:
         coupon_used = True
         b = rng.randint(1, min(10, x // 2))
         s.say(f"{s.he} uses a coupon for ${b} off.")
-        x = s.step(x, "-", b, f"With the coupon the total is {{calc}}.", money=True)
+        x = s.step(x, "-", b, "With the coupon the total is {calc}.", money=True)
 
     def more_items():
         nonlocal x
@@ -209,7 +209,7 @@ def _shopping(s: _Story, steps: int) -> int:
         k, q = rng.randint(2, 6), rng.randint(lo, hi)
         s.say(f"{s.he} also buys {k} {name} for ${q} each.")
         c = s.step(k, "*", q, f"The {name} cost {{calc}}.", money=True)
-        x = s.step(x, "+", c, f"Together that is {{calc}}.", money=True)
+        x = s.step(x, "+", c, "Together that is {calc}.", money=True)
 
     _events(s, steps - 1, [(1, extra), (1, coupon), (2, more_items)])
     s.say(f"how much does {s.name} pay in total?")

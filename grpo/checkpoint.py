@@ -3,14 +3,16 @@
 A checkpoint is a folder `checkpoint-{step}/` holding:
   adapter_model.safetensors + adapter_config.json   the policy adapter (PEFT format)
   optimizer.pt, scheduler.pt                         state dicts (loaded with weights_only=True)
-  rng.pt                                             torch CPU/CUDA RNG and the sampling generator
+  rng.pt                                             torch CPU/CUDA RNG state of every rank
   trainer_state.json                                 step, data position, python RNG state
   config.yaml                                        the resolved config of the run
   NAME.safetensors                                   optional extra weights (e.g. critic.safetensors:
                                                      PPO's value adapter and head)
 It is written into `checkpoint-{step}.tmp-PID/` and renamed into place only when complete
 (`os.replace` of a directory is atomic on POSIX), so a crash mid-save leaves the previous
-checkpoints intact and no half checkpoint that `latest` could pick up.
+checkpoints intact and no half checkpoint that `latest` could pick up; a process killed
+mid-save leaves only a `*.tmp-PID` folder, which `remove_temporaries` deletes on restart.
+A failed write (disk full, read-only) is a CheckpointError; the older checkpoints stay.
 """
 
 from __future__ import annotations
@@ -60,18 +62,27 @@ def resolve_checkpoint(spec: str, output_dir: str | Path) -> Path:
     return path
 
 
-def rng_state(generator: torch.Generator) -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "sampler": generator.get_state()}
+def rng_state() -> dict[str, Any]:
+    """This process's torch RNG state (CPU, and CUDA when present): LoRA dropout draws from it."""
+    state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    generator.set_state(state["sampler"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def remove_temporaries(output_dir: str | Path) -> list[Path]:
+    """Delete `checkpoint-N.tmp-PID` folders (saves interrupted by a kill); returns them."""
+    root = Path(output_dir)
+    stale = [p for p in root.glob("checkpoint-*.tmp-*") if p.is_dir()] if root.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
 
 
 def save_checkpoint(
@@ -81,24 +92,26 @@ def save_checkpoint(
     model,
     optimizer,
     scheduler,
-    generator: torch.Generator,
+    rng_states: list[dict[str, Any]],
     trainer_state: dict[str, Any],
     config,
     keep: int,
     extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
     """Write checkpoint-{step} atomically, then delete all but the newest `keep`.
-    `extra_tensors` maps a name to a state dict written as NAME.safetensors."""
+    `rng_states`: one `rng_state()` per rank, in rank order. `extra_tensors` maps a name to
+    a state dict written as NAME.safetensors. An OSError (disk full, read-only) becomes a
+    CheckpointError; nothing older is touched then."""
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f"checkpoint-{step}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
-        model.save_pretrained(str(tmp), selected_adapters=["default"])
+        tmp.mkdir(parents=True)
+        model.save_pretrained(str(tmp), selected_adapters=["default"], safe_serialization=True)
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng_state(generator), tmp / "rng.pt")
+        torch.save({"ranks": rng_states}, tmp / "rng.pt")
         state = {**trainer_state, "step": step, "python_rng": _jsonable(random.getstate())}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
         config.save(tmp / "config.yaml")
@@ -111,6 +124,14 @@ def save_checkpoint(
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(output_dir)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = [p.name for p in list_checkpoints(output_dir)]
+        raise CheckpointError(
+            f"could not write {final} ({err.strerror or err}; disk full or read-only?). "
+            f"The older checkpoints are kept ({', '.join(kept) or 'none yet'}): free space or fix the "
+            "permissions, then continue with --resume_from_checkpoint latest."
+        ) from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -119,23 +140,48 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: str | Path, *, model, optimizer, scheduler, generator: torch.Generator) -> dict[str, Any]:
-    """Restore adapter weights, optimizer, scheduler and RNG in place; return the trainer state."""
+def save_adapter(model, path: str | Path) -> Path:
+    """The policy adapter alone (PEFT format, safetensors), written atomically like a checkpoint."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(str(tmp), selected_adapters=["default"], safe_serialization=True)
+        _fsync_dir(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not write the adapter {path} ({err.strerror or err}; disk full or "
+                              "read-only?): free space or fix the permissions and run again.") from err
+    return path
+
+
+def load_adapter_weights(model, path: str | Path) -> None:
+    """Put the adapter saved in `path` (adapter_model.safetensors) into the policy adapter."""
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
+    weights = load_file(str(Path(path) / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(model, weights, adapter_name="default")
+    if getattr(result, "unexpected_keys", None):
+        raise CheckpointError(
+            f"{path} holds adapter weights this model does not have "
+            f"(e.g. {result.unexpected_keys[0]}): it comes from another model or LoRA config."
+        )
+
+
+def load_checkpoint(path: str | Path, *, model, optimizer, scheduler, rank: int = 0) -> dict[str, Any]:
+    """Restore adapter weights, optimizer, scheduler and this rank's RNG in place; return the
+    trainer state. A checkpoint from fewer ranks gives the extra ranks rank 0's RNG."""
     path = Path(path)
     try:
-        weights = load_file(str(path / "adapter_model.safetensors"))
-        result = set_peft_model_state_dict(model, weights, adapter_name="default")
-        if getattr(result, "unexpected_keys", None):
-            raise CheckpointError(
-                f"checkpoint {path} holds adapter weights this model does not have "
-                f"(e.g. {result.unexpected_keys[0]}): it comes from another model or LoRA config."
-            )
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-        set_rng_state(torch.load(path / "rng.pt", weights_only=True), generator)
+        load_adapter_weights(model, path)
+        optimizer.load_state_dict(_load_state(path / "optimizer.pt"))
+        scheduler.load_state_dict(_load_state(path / "scheduler.pt"))
+        ranks = _load_state(path / "rng.pt")["ranks"]
+        set_rng_state(ranks[rank] if rank < len(ranks) else ranks[0])
         state = json.loads((path / "trainer_state.json").read_text())
     except (OSError, KeyError, ValueError, RuntimeError) as err:
         if isinstance(err, CheckpointError):
@@ -154,6 +200,20 @@ def load_tensors(path: str | Path, name: str) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint {path} has no {file.name}: it was saved by a run without a {name} "
                               "(e.g. another algorithm); resume with the same algorithm.")
     return load_file(str(file))
+
+
+def _load_state(file: Path) -> Any:
+    """A state file loaded with weights_only=True (tensors and plain containers only: a
+    pickle that would run code is refused, never executed)."""
+    import pickle
+
+    try:
+        return torch.load(file, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"checkpoint file {file} holds pickled objects other than tensors and plain state, so it was "
+            "not loaded (unpickling them could run code): resume from another checkpoint, or delete this one."
+        ) from err
 
 
 def _jsonable(python_rng_state: tuple) -> list:

@@ -201,9 +201,16 @@ class GRPOConfig:
     """Continue a run: `latest` (newest checkpoint in output_dir) or a checkpoint path."""
     progress_bar: bool = True
     """Show a tqdm progress bar."""
+    max_nonfinite_steps: int = 3
+    """Steps in a row whose rewards, loss or gradients hold NaN/inf (each is skipped: no
+    update) before the run stops with an error saying where the NaN came from."""
 
     # ---------------------------------------------------------------- derived (not settable)
     def __post_init__(self) -> None:
+        # Library callers may pass strings (from their own argparse) or other types: convert,
+        # or fail by name as YAML and CLI values do, not later inside a comparison.
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), _field_types()[f.name], "GRPOConfig"))
         algo_defaults = ALGORITHM_DEFAULTS.get(self.algorithm)
         if algo_defaults is None:
             raise ConfigError(f"algorithm={self.algorithm!r} is unknown; choose one of {', '.join(ALGORITHMS)}.")
@@ -250,8 +257,21 @@ class GRPOConfig:
 
     def validate(self) -> None:
         """Fail early, with the fix in the message."""
+        from data.formats import FORMATS
+        from grpo.logprobs import METHODS
+
         checks = [
             (self.mode in MODES, f"mode={self.mode!r}: choose one of {', '.join(MODES)}."),
+            (self.prompt_format in FORMATS,
+             f"prompt_format={self.prompt_format!r}: choose one of {', '.join(FORMATS)}."),
+            (self.logprob_method == "auto" or self.logprob_method in METHODS,
+             f"logprob_method={self.logprob_method!r}: choose auto or one of {', '.join(METHODS)}."),
+            (self.dataset_limit is None or self.dataset_limit >= 1,
+             f"dataset_limit={self.dataset_limit} must be >= 1 (leave it unset for all rows)."),
+            (self.eval_limit >= 1, f"eval_limit={self.eval_limit} must be >= 1 (eval_steps=0 turns evaluation off)."),
+            # before the overlong_buffer check, whose default is derived from it
+            (self.max_completion_length > 0,
+             f"max_completion_length={self.max_completion_length} must be > 0 (completion tokens, e.g. 256)."),
             (self.loss_type in LOSS_TYPES, f"loss_type={self.loss_type!r}: choose one of {', '.join(LOSS_TYPES)}."),
             (self.scale_rewards in SCALE_REWARDS,
              f"scale_rewards={self.scale_rewards!r}: choose one of {', '.join(SCALE_REWARDS)}."),
@@ -290,7 +310,6 @@ class GRPOConfig:
             (0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1]."),
             (self.top_k >= 0, f"top_k={self.top_k} must be >= 0 (0 = off)."),
             (self.max_prompt_length > 0, f"max_prompt_length={self.max_prompt_length} must be > 0."),
-            (self.max_completion_length > 0, f"max_completion_length={self.max_completion_length} must be > 0."),
             (self.num_iterations >= 1, f"num_iterations={self.num_iterations} must be >= 1."),
             (self.max_steps >= 0, f"max_steps={self.max_steps} must be >= 0."),
             (self.learning_rate > 0, f"learning_rate={self.learning_rate} must be > 0."),
@@ -298,6 +317,7 @@ class GRPOConfig:
             (self.sft_batch_size > 0, f"sft_batch_size={self.sft_batch_size} must be > 0."),
             (self.lora_r > 0, f"lora_r={self.lora_r} must be > 0."),
             (0 <= self.lora_dropout < 1, f"lora_dropout={self.lora_dropout} must be in [0, 1)."),
+            (self.max_nonfinite_steps >= 1, f"max_nonfinite_steps={self.max_nonfinite_steps} must be >= 1."),
             (self.save_steps >= 0 and self.save_total_limit >= 1,
              f"save_steps={self.save_steps} must be >= 0 and save_total_limit={self.save_total_limit} >= 1."),
             (len(self.reward_funcs) > 0 or self.mode == "sft",
@@ -367,6 +387,29 @@ GROUP_FREE = ("reinforce_pp", "ppo")
 ALLOWED_SCALES: dict[str, tuple[str, ...]] = {"rloo": ("none",), "reinforce_pp": ("batch", "none"), "ppo": ("batch",)}
 
 
+# Fields that fix what a checkpoint holds: the LoRA shapes and scaling, and the algorithm
+# (PPO adds a critic). Resuming with other values fails on shapes or trains something else.
+RESUME_KEYS = ("algorithm", "lora_r", "lora_alpha", "lora_target_modules")
+
+
+def check_resume_config(saved: dict[str, Any], cfg: GRPOConfig, checkpoint: str | Path) -> None:
+    """Raise a ConfigError naming each RESUME_KEYS field where the checkpoint's config
+    (`saved`, read from its config.yaml) and `cfg` differ; keys missing from `saved` are skipped."""
+    def norm(key: str, value: Any) -> Any:
+        return sorted(value) if key == "lora_target_modules" and isinstance(value, list) else value
+
+    diffs = [(k, saved[k], getattr(cfg, k)) for k in RESUME_KEYS
+             if k in saved and norm(k, saved[k]) != norm(k, getattr(cfg, k))]
+    if diffs:
+        was = ", ".join(f"{k}={old!r}" for k, old, _ in diffs)
+        now = ", ".join(f"{k}={new!r}" for k, _, new in diffs)
+        flags = " ".join(f"--{k} {','.join(map(str, old)) if isinstance(old, list) else old}" for k, old, _ in diffs)
+        raise ConfigError(
+            f"resume_from_checkpoint: {checkpoint} was written with {was}, but this run has {now}: "
+            f"resume with the same values ({flags}), or start a new run in another output_dir."
+        )
+
+
 # ---------------------------------------------------------------- field docs, types, CLI
 @functools.cache
 def field_docs(cls: type = GRPOConfig) -> dict[str, str]:
@@ -399,7 +442,8 @@ def _base_type(tp: Any) -> tuple[Any, bool]:
 def _coerce(key: str, value: Any, tp: Any, source: str) -> Any:
     """Convert a YAML or CLI value to the field's type, or raise a ConfigError naming the key."""
     base, optional = _base_type(tp)
-    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+    unset = ("null",) if key in NONE_IS_A_VALUE else ("none", "null")
+    if value is None or (optional and isinstance(value, str) and value.lower() in unset):
         if optional:
             return None
         raise ConfigError(f"{source}: {key} cannot be None.")
@@ -430,20 +474,38 @@ def _coerce(key: str, value: Any, tp: Any, source: str) -> Any:
             return str(value)
     except (ValueError, TypeError):
         name = getattr(base, "__name__", str(base))
+        kind, example = _EXAMPLES.get(base, (f"a {name}", "..."))
+        default = _DEFAULTS.get(key)
+        if base in (int, float) and type(default) is base:  # the default is the best example
+            example = str(default)
         raise ConfigError(
-            f"{source}: {key}={value!r} is not a valid {name}{' or None' if optional else ''}."
+            f"{source}: {key}={value!r} is not a valid {name}{' or None' if optional else ''}: "
+            f"give {kind}, e.g. --{key} {example} (or `{key}: {example}` in YAML)."
         ) from None
     return value
+
+
+# Optional fields for which the string "none" is one of the values, not "unset" (use null).
+NONE_IS_A_VALUE = ("scale_rewards",)
+# What to write for a field of each type, for the error message of a value that is not it.
+_EXAMPLES = {bool: ("true or false", "true"), int: ("a whole number", "8"), float: ("a number", "0.5"),
+             list: ("comma-separated values", "a,b"), str: ("a string", "text")}
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist.")
+        raise ConfigError(f"config file {path} does not exist: check the path (the recipes are in configs/, "
+                          "e.g. configs/demo.yaml).")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.safe_load(path.read_text()) or {}  # safe: no Python tags, nothing is run
     except yaml.YAMLError as err:
-        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML{where} ({problem}): fix the syntax there; "
+                          "each line is `key: value`, lists are written [a, b].") from None
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a mapping of key: value, not {type(values).__name__}.")
     return values
@@ -468,7 +530,11 @@ def _metavar(name: str) -> str:
 
 def parse_config(argv: list[str] | None = None, defaults: dict[str, Any] | None = None) -> GRPOConfig:
     """Config from `defaults`, then `--config FILE`, then `--key value` flags."""
-    args = vars(build_arg_parser().parse_args(argv))
+    parser = build_arg_parser()
+    namespace, unknown = parser.parse_known_args(argv)
+    if unknown:
+        raise ConfigError(_unknown_option(unknown[0], parser))
+    args = vars(namespace)
     values: dict[str, Any] = dict(defaults or {})
     source = "command line"
     if args.get("config"):
@@ -476,3 +542,13 @@ def parse_config(argv: list[str] | None = None, defaults: dict[str, Any] | None 
         source = f"{args['config']} + command line"
     values.update({k: v for k, v in args.items() if k != "config"})
     return GRPOConfig.from_dict(values, source=source)
+
+
+def _unknown_option(arg: str, parser: argparse.ArgumentParser) -> str:
+    """The message for a command-line word that is no option of `parser`, with the nearest one."""
+    if not arg.startswith("--"):
+        return f"command line: unexpected argument {arg!r}: every value follows its option, as in --learning_rate 1e-5."
+    options = [o for action in parser._actions for o in action.option_strings if o.startswith("--")]
+    hint = difflib.get_close_matches(arg.split("=")[0], options, n=1)
+    return (f"command line: unknown option {arg!r}"
+            + (f"; did you mean {hint[0]}?" if hint else "; `python train.py --help` lists the options."))

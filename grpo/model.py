@@ -78,7 +78,8 @@ def resolve_model_path(name: str) -> str:
 
 # ---------------------------------------------------------------- base model and tokenizer
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The current CUDA device (under torchrun: GPU LOCAL_RANK, set by grpo.distributed.setup), else CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def default_load_in_4bit(device: torch.device) -> bool:
@@ -97,7 +98,7 @@ def compute_dtype(device: torch.device) -> torch.dtype:
 def load_tokenizer(name: str, *, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(name)
+    path = _checked_path(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
@@ -142,7 +143,7 @@ def load_base_model(
             bnb_4bit_compute_dtype=dtype,
         )
         kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
-    path = resolve_model_path(name)
+    path = _checked_path(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
@@ -152,13 +153,31 @@ def load_base_model(
     return model
 
 
+def _checked_path(name: str) -> str:
+    """resolve_model_path(name), failing by name on a local path that does not exist (transformers
+    would take it for a hub id and fail with "Repo id must be in the form ...")."""
+    looks_local = name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+    if looks_local and not Path(name).expanduser().exists():
+        raise ModelLoadError(
+            f"{name!r}: no such folder; pass --model (or --tokenizer) an existing folder written by "
+            "save_pretrained, a hub id such as Qwen/Qwen3-0.6B, or `embedded`."
+        )
+    return resolve_model_path(name)
+
+
 def _not_loadable(what: str, name: str, err: Exception) -> str:
     where = "folder" if Path(name).exists() else "hub id or path"
-    return (
-        f"could not load the {what} {name!r} ({where}): {str(err).splitlines()[0][:300].rstrip('.')}. "
-        "If this machine is offline, download the model elsewhere (`huggingface-cli download ID "
-        "--local-dir DIR`), copy it here and pass --model DIR; `--model embedded` runs offline."
-    )
+    if "custom code" in str(err) or "trust_remote_code" in str(err):
+        fix = ("It ships its own Python code, which runs only when you allow it (train.py --trust_remote_code "
+               "true, test.py --trust_remote_code): read that code first, and allow it only for a repository "
+               "you trust.")
+    elif where == "folder":
+        fix = ("Check that the folder holds config.json, the weights and the tokenizer files "
+               "(save_pretrained writes them).")
+    else:
+        fix = ("If this machine is offline, download the model elsewhere (`huggingface-cli download ID "
+               "--local-dir DIR`), copy it here and pass --model DIR; `--model embedded` runs offline.")
+    return f"could not load the {what} {name!r} ({where}): {str(err).splitlines()[0][:300].rstrip('. ')}. {fix}"
 
 
 # ---------------------------------------------------------------- adapters
@@ -202,7 +221,12 @@ def add_reference_adapter(model, adapter_path: str | Path) -> None:
 
 
 def check_adapter(adapter_path: str, base) -> None:
-    """Fail early, by name, on a missing adapter or one trained on another base."""
+    """Fail early, by name, on a missing adapter, a pickled one, or one trained on another base."""
+    if not Path(adapter_path).is_dir():
+        raise ModelLoadError(
+            f"adapter {adapter_path!r}: no such folder; pass a folder written by `save_pretrained` "
+            "(a run's checkpoint-N/ or sft/adapter/ folder)."
+        )
     config_file = Path(adapter_path) / "adapter_config.json"
     if not config_file.is_file():
         raise ModelLoadError(
@@ -213,7 +237,14 @@ def check_adapter(adapter_path: str, base) -> None:
     trained_on = adapter_cfg.get("base_model_name_or_path")
     weights = Path(adapter_path) / "adapter_model.safetensors"
     if not weights.is_file():
-        raise ModelLoadError(f"adapter {adapter_path!r} has no adapter_model.safetensors (only safetensors adapters load).")
+        pickled = [p.name for p in Path(adapter_path).glob("*.bin")] + [p.name for p in Path(adapter_path).glob("*.pt")]
+        raise ModelLoadError(
+            f"adapter {adapter_path!r} has no adapter_model.safetensors"
+            + (f" (only {', '.join(sorted(pickled))}, a pickle, which is refused: unpickling can run code)"
+               if pickled else "")
+            + ": only safetensors adapters load; re-save it with `save_pretrained` (peft writes safetensors) "
+            "from a copy you trust."
+        )
     from safetensors import safe_open
 
     hidden = base.config.hidden_size
@@ -221,7 +252,8 @@ def check_adapter(adapter_path: str, base) -> None:
         for key in f.keys():
             if "lora_A" in key and f.get_slice(key).get_shape()[-1] not in _input_sizes(base):
                 raise ModelLoadError(
-                    f"adapter {adapter_path!r} was trained on another base ({trained_on!r}): its {key} "
+                    f"adapter {adapter_path!r} was trained on another base"
+                    f"{f' ({trained_on!r})' if trained_on else ''}: its {key} "
                     f"has input size {f.get_slice(key).get_shape()[-1]}, which no layer of this model "
                     f"(hidden size {hidden}) has. Pass the base it was trained on with --model."
                 )

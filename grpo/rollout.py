@@ -10,8 +10,10 @@ stream are ours, explicit and tested:
 - a row stops at its first EOS (the EOS is kept in `completion_ids` and counted in
   `completion_mask`: the policy chose to stop, and that choice gets a log-prob and a
   gradient); finished rows are dropped from the batch and the KV cache;
-- sampling draws from `torch.multinomial(..., generator=generator)`: a seeded generator
-  reproduces a rollout whatever the global RNG did in between.
+- sampling is inverse-CDF with one uniform per row and token, drawn from a seeded
+  generator, or from one generator PER PROMPT (`prompt_seeds`): then a prompt's
+  completions do not depend on which other prompts share its batch, so they are the same
+  whatever the generation batch size or the number of data-parallel ranks.
 
 What the reward sees: `completion_texts` are decoded WITHOUT the stopping EOS but WITH
 every other special token the policy emitted (`skip_special_tokens=False`). Decoding
@@ -166,19 +168,51 @@ def next_token_probs(logits: Tensor, *, temperature: float, top_k: int, top_p: f
     return probs
 
 
+def inverse_cdf_sample(probs: Tensor, u: Tensor) -> Tensor:
+    """Categorical draws by inversion: probs [b, V], u [b] uniform in [0, 1) -> ids [b] long.
+
+    Token i is chosen when u * total lies in [cdf[i-1], cdf[i]); `right=True` never lands
+    on a zero-probability token (its cdf step is empty). Example: probs [0.2, 0, 0.8],
+    u 0.1 -> 0, u 0.2 -> 2, u 0.9 -> 2.
+    """
+    cdf = probs.cumsum(-1)  # [b, V]
+    target = (u.to(cdf.dtype) * cdf[:, -1])[:, None]  # [b, 1]
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
+
+
 def select_next_token(
     logits: Tensor,
     *,
     temperature: float,
     top_k: int = 0,
     top_p: float = 1.0,
+    u: Tensor | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """One token per row: logits [b, V] -> ids [b] long. temperature 0 = greedy (argmax)."""
+    """One token per row: logits [b, V] -> ids [b] long. temperature 0 = greedy (argmax).
+    `u` [b]: the rows' uniforms; drawn from `generator` when not given."""
     if temperature == 0:
         return logits.argmax(dim=-1)
     probs = next_token_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if u is None:
+        u = torch.rand(probs.shape[0], generator=generator, device=probs.device)
+    return inverse_cdf_sample(probs, u)
+
+
+class PromptStreams:
+    """One seeded generator per prompt; at every decode step each prompt draws G uniforms,
+    one per completion row (finished rows too), so row p*G+g's t-th uniform depends only
+    on (seeds[p], t, g): never on the other prompts in the batch."""
+
+    def __init__(self, seeds: list[int], group_size: int, device: torch.device):
+        self.group_size, self.device = group_size, device
+        self.generators = [torch.Generator(device).manual_seed(int(s) % (2**63)) for s in seeds]
+
+    def uniforms(self, rows: Tensor) -> Tensor:
+        """[b] uniforms for the original row indices `rows` [b] still in the batch."""
+        draws = torch.stack([torch.rand(self.group_size, generator=g, device=self.device)
+                             for g in self.generators])  # [P, G]
+        return draws.flatten()[rows]
 
 
 def _check_sampling_args(max_new_tokens: int, temperature: float, top_p: float, top_k: int):
@@ -233,6 +267,7 @@ def sample(
     top_p: float = 1.0,
     top_k: int = 0,
     generator: torch.Generator | None = None,
+    prompt_seeds: list[int] | None = None,
     ignore_eos: bool = False,
     compact: bool = True,
     group_size: int = 1,
@@ -243,7 +278,8 @@ def sample(
     Each row stops after its first token in `eos_token_ids`; `ignore_eos=True` generates
     exactly `max_new_tokens` for every row (benchmarks). `compact=True` drops finished rows
     from the batch and the KV cache (same tokens, less work). `generator` must live on the
-    model's device. Works on PEFT-wrapped and 4-bit models (same forward kwargs).
+    model's device; `prompt_seeds` (one int per prompt) replaces it with a stream per prompt
+    (`PromptStreams`). Works on PEFT-wrapped and 4-bit models (same forward kwargs).
     `group_size=G` samples G completions of each prompt (output row p*G + g from prompt p)
     with ONE prefill per distinct prompt: the prompt's KV cache and last logits are
     repeated G times after the prefill, so the prompt costs 1/G of repeating it.
@@ -263,14 +299,18 @@ def sample(
         raise ValueError("attention_mask: prompts must be LEFT-padded (last column all 1)")
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if prompt_seeds is not None and len(prompt_seeds) != input_ids.shape[0]:
+        raise ValueError(f"prompt_seeds has {len(prompt_seeds)} seeds for {input_ids.shape[0]} prompts: give one per prompt")
+    streams = PromptStreams(prompt_seeds, group_size, input_ids.device) if prompt_seeds is not None else None
+
+    def select(logits: Tensor, rows: Tensor) -> Tensor:
+        u = streams.uniforms(rows) if streams is not None and temperature > 0 else None
+        return select_next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, u=u, generator=generator)
+
     with torch.no_grad(), _eval_mode(model):
         tokens, lengths, stopped = _decode_loop(
             model, input_ids, attention_mask, max_new_tokens=max_new_tokens, group_size=group_size,
-            eos_token_ids=[] if ignore_eos else list(eos_token_ids),
-            select=lambda logits: select_next_token(
-                logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
-            ),
-            compact=compact,
+            eos_token_ids=[] if ignore_eos else list(eos_token_ids), select=select, compact=compact,
         )
     width = int(lengths.max())
     completion_mask = (torch.arange(width, device=lengths.device) < lengths[:, None]).long()
@@ -304,7 +344,7 @@ def _decode_loop(
         logits, mask, next_pos = (x.repeat_interleave(group_size, dim=0) for x in (logits, mask, next_pos))
 
     for t in range(max_new_tokens):
-        tok = select(logits)  # [b]
+        tok = select(logits, rows)  # [b]
         live = ~stopped[rows]  # [b]; all True when compacting
         tokens[rows[live], t] = tok[live]
         lengths[rows[live]] = t + 1
@@ -370,11 +410,12 @@ def generate_rollout(
     top_k: int,
     generator: torch.Generator | None,
     eos_token_ids: list[int] | None = None,
+    prompt_seeds: list[int] | None = None,
 ) -> Rollout:
     """G = `group_size` sampled completions for each of P chat-templated prompts.
 
     Rows p*G .. p*G+G-1 belong to prompt p (B = P * G). Tensors are on the model's
-    device (the device of its first parameter).
+    device (the device of its first parameter). `prompt_seeds` (one per prompt): see `sample`.
     """
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
@@ -390,7 +431,7 @@ def generate_rollout(
         model, ids, mask, group_size=group_size,
         max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids,
         pad_token_id=resolve_pad_token_id(tokenizer), temperature=temperature,
-        top_p=top_p, top_k=top_k, generator=generator,
+        top_p=top_p, top_k=top_k, generator=generator, prompt_seeds=prompt_seeds,
     )
     return Rollout(
         prompt_ids=prompt_ids,

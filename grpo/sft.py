@@ -3,8 +3,10 @@
 The loss is the mean negative log-likelihood of the completion tokens only (the prompt is
 masked out), computed with the same memory-light log-prob kernel as the GRPO loss. The
 batch normalizer is the token count of the whole batch, so gradient accumulation over
-micro-batches equals one big batch. Same checkpoints (`OUTPUT_DIR/sft/checkpoint-N`) and
-metrics (`OUTPUT_DIR/sft/metrics.jsonl`) as GRPO; the final adapter is `OUTPUT_DIR/sft/adapter`.
+micro-batches equals one big batch (under torchrun: the global batch, gradients summed
+over ranks, as in grpo.distributed). Faults are handled as in GRPO (grpo.faults). Same
+checkpoints (`OUTPUT_DIR/sft/checkpoint-N`) and metrics (`OUTPUT_DIR/sft/metrics.jsonl`)
+as GRPO; the final adapter is `OUTPUT_DIR/sft/adapter`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 import torch
 
 from grpo import checkpoint as ckpt
+from grpo import distributed, faults
 from grpo.config import GRPOConfig
 from grpo.metrics import MetricsLogger
 from grpo.model import completion_logprobs, trainable_parameters
@@ -59,7 +62,9 @@ class SFTTrainer:
         self.run_dir = Path(config.output_dir) / "sft"
         self.state = TrainerState()
         self.stream = PromptStream(self.examples, config.seed, self.state)
-        self.generator = torch.Generator().manual_seed(config.seed)  # checkpoint format symmetry with GRPO
+        self.dist = distributed.setup()
+        distributed.check_config(config, self.dist)
+        self.stop, self.stopped_by = faults.GracefulStop(), None
         self.optimizer = build_optimizer(trainable_parameters(model), lr=config.sft_learning_rate,
                                          weight_decay=config.weight_decay, betas=(config.adam_beta1, config.adam_beta2))
         self.scheduler = build_scheduler(self.optimizer, warmup_steps=config.warmup_steps,
@@ -79,48 +84,91 @@ class SFTTrainer:
                 "completion_ids": completion_ids, "completion_mask": completion_mask}
 
     def train(self) -> Path:
+        """Run to sft_steps; returns the adapter folder. Stopped by SIGINT/SIGTERM: a
+        checkpoint is written and `stopped_by` names the signal (no adapter yet)."""
         cfg = self.config
-        if self.adapter_dir.is_dir():
-            print(f"SFT adapter already at {self.adapter_dir}; skipping the warm start.")
+        if self.adapter_dir.is_dir():  # a finished warm start (e.g. the run is resumed): load it
+            ckpt.load_adapter_weights(self.model, self.adapter_dir)
+            if self.dist.is_main:
+                print(f"SFT adapter already at {self.adapter_dir}: loaded it, skipping the warm start.")
             return self.adapter_dir
+        main = self.dist.is_main
+        if main:
+            faults.check_writable(self.run_dir)
+            ckpt.remove_temporaries(self.run_dir)
+        distributed.barrier()
         if cfg.resume_from_checkpoint and ckpt.list_checkpoints(self.run_dir):
             saved = ckpt.load_checkpoint(ckpt.resolve_checkpoint("latest", self.run_dir), model=self.model,
-                                         optimizer=self.optimizer, scheduler=self.scheduler, generator=self.generator)
-            for key in ("step", "epoch", "data_index"):
-                setattr(self.state, key, saved[key])
+                                         optimizer=self.optimizer, scheduler=self.scheduler, rank=self.dist.rank)
+            for key in ("step", "epoch", "data_index", "prompts_drawn"):
+                setattr(self.state, key, saved.get(key, 0))
         logger = MetricsLogger(self.run_dir, total_steps=cfg.sft_steps, initial_step=self.state.step,
-                               progress_bar=cfg.progress_bar, desc="sft")
+                               progress_bar=cfg.progress_bar, desc="sft") if main else None
         self.model.train()
         try:
-            while self.state.step < cfg.sft_steps:
-                t0 = time.perf_counter()
-                batch = self.batch(self.stream.take(cfg.sft_batch_size))
-                num_tokens = int(batch["completion_mask"].sum())
-                loss_total = 0.0
-                for i in range(0, cfg.sft_batch_size, cfg.micro_batch_size):
-                    micro = {k: v[i : i + cfg.micro_batch_size] for k, v in batch.items()}
-                    loss = sft_loss(self.model, micro, num_tokens, cfg.logprob_method)
-                    loss.backward()
-                    loss_total += loss.item()
-                lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(self.model),
-                                                           cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.state.step += 1
-                metrics = {"loss": loss_total, "grad_norm": float(grad_norm), "lr": lr,
-                           "tokens": num_tokens, "step_s": time.perf_counter() - t0}
-                logger.log(self.state.step, metrics)
-                if cfg.save_steps and self.state.step % cfg.save_steps == 0:
-                    self.save()
+            with self.stop:
+                while self.state.step < cfg.sft_steps:
+                    metrics = self.step()
+                    if logger is not None:
+                        logger.log(self.state.step, metrics)
+                    if distributed.any_rank(self.stop.requested):
+                        self.stopped_by = self.stop.signal_name or "a signal on another rank"
+                        self.save()
+                        return self.run_dir
+                    if cfg.save_steps and self.state.step % cfg.save_steps == 0:
+                        self.save()
         finally:
-            logger.close()
-        self.model.save_pretrained(str(self.adapter_dir), selected_adapters=["default"])
+            if logger is not None:
+                logger.close()
+        if main:
+            ckpt.save_adapter(self.model, self.adapter_dir)
+        distributed.barrier()
         return self.adapter_dir
 
+    def step(self) -> dict[str, float]:
+        """One optimizer step on sft_batch_size examples (this rank's share under torchrun)."""
+        cfg = self.config
+        t0 = time.perf_counter()
+        batch = self.batch(self.stream.take(cfg.sft_batch_size)[self.dist.share(cfg.sft_batch_size, "sft_batch_size")])
+        num_tokens = int(distributed.sum_scalars([float(batch["completion_mask"].sum())])[0])  # global batch
+        loss_total = 0.0
+        for i in range(0, batch["completion_ids"].shape[0], cfg.micro_batch_size):
+            micro = {k: v[i : i + cfg.micro_batch_size] for k, v in batch.items()}
+            loss = sft_loss(self.model, micro, num_tokens, cfg.logprob_method)
+            loss.backward()
+            loss_total += loss.item()
+        params = trainable_parameters(self.model)
+        distributed.all_reduce_grads_(params)
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
+        self.state.step += 1
+        problem = faults.first_nonfinite({"SFT loss": loss_total}) or faults.nonfinite_grad(
+            [(n, p) for n, p in self.model.named_parameters() if p.requires_grad])
+        if distributed.any_rank(problem is not None):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state.nonfinite_in_row += 1
+            self.state.skipped_steps += 1
+            if self.state.nonfinite_in_row >= cfg.max_nonfinite_steps:
+                raise faults.TrainingError(
+                    f"SFT: {self.state.nonfinite_in_row} steps in a row (up to step {self.state.step}) had NaN/inf "
+                    f"in {problem or 'another rank'}; no update was applied for them. Check the targets "
+                    "or lower sft_learning_rate, then continue with --resume_from_checkpoint latest.")
+            return {"skipped": 1.0, "lr": lr}
+        self.state.nonfinite_in_row = 0
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_total = distributed.sum_scalars([loss_total])[0]
+        return {"loss": loss_total, "grad_norm": float(grad_norm), "lr": lr,
+                "tokens": num_tokens, "step_s": time.perf_counter() - t0}
+
     def save(self) -> Path:
-        return ckpt.save_checkpoint(self.run_dir, self.state.step, model=self.model, optimizer=self.optimizer,
-                                    scheduler=self.scheduler, generator=self.generator,
-                                    trainer_state=asdict(self.state), config=self.config,
-                                    keep=self.config.save_total_limit)
+        rng = distributed.gather_objects(ckpt.rng_state())
+        path = self.run_dir / f"checkpoint-{self.state.step}"
+        if self.dist.is_main:
+            path = ckpt.save_checkpoint(self.run_dir, self.state.step, model=self.model, optimizer=self.optimizer,
+                                        scheduler=self.scheduler, rng_states=rng,
+                                        trainer_state=asdict(self.state), config=self.config,
+                                        keep=self.config.save_total_limit)
+        distributed.barrier()
+        return path

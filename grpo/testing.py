@@ -83,3 +83,11 @@ def tiny_model(
     model = Qwen3ForCausalLM(config)
     model.eval()
     return model
+
+
+def save_tiny_model(path, **model_kwargs):
+    """A folder holding `tiny_model(**model_kwargs)` and `tiny_tokenizer()`, loadable by
+    `train.py --model PATH` / `test.py --model PATH` (float32, offline). Returns the path."""
+    tiny_model(**model_kwargs).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path

@@ -11,20 +11,28 @@ Where we depart from the paper, and why:
 - With num_iterations == 1 the old log-probs are the current ones detached (ratio = 1,
   the gradient is the plain policy gradient), which saves a forward pass, as TRL does.
 - Loss normalizers are those of the whole batch (`grpo.losses.aggregate`), so gradient
-  accumulation over micro-batches gives exactly the gradient of one big batch.
+  accumulation over micro-batches gives exactly the gradient of one big batch; under
+  torchrun the batch is the global one (`grpo.distributed`), so N ranks give the update of
+  one process.
+- Each prompt's completions are sampled from a stream seeded by (seed, the prompt's draw
+  number), so they do not depend on the generation batch size or the number of ranks.
+- Faults (`grpo.faults`): SIGINT/SIGTERM end the run after the step with a checkpoint;
+  NaN/inf in rewards, loss or gradients skip the update (and stop the run after
+  `max_nonfinite_steps` in a row); the output directory is probed before any work.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
 from grpo import checkpoint as ckpt
+from grpo import distributed, faults
 from grpo.advantages import zero_std_groups
 from grpo.algorithms import ALGORITHMS, AdvantageInputs, fill_batch, informative_groups, shaped_rewards
 from grpo.config import GRPOConfig
@@ -43,6 +51,7 @@ from grpo.model import (
 )
 from grpo.optim import build_optimizer, build_scheduler
 from grpo.rollout import Rollout, generate_rollout, resolve_pad_token_id
+from rewards import NonFiniteRewardError
 
 
 @dataclass
@@ -50,6 +59,9 @@ class TrainerState:
     step: int = 0  # optimizer steps done (one per rollout batch when num_iterations == 1)
     epoch: int = 0  # passes over the prompt dataset started
     data_index: int = 0  # position in the current epoch's shuffled order
+    prompts_drawn: int = 0  # prompts taken from the stream so far (numbers each prompt's sampling seed)
+    skipped_steps: int = 0  # steps whose update was skipped for NaN/inf
+    nonfinite_in_row: int = 0  # consecutive such steps
     metrics: dict = field(default_factory=dict)  # the last step's metrics
 
 
@@ -84,6 +96,7 @@ class PromptStream:
                 order = self._order(self.state.epoch)
             out.append(self.rows[order[self.state.data_index]])
             self.state.data_index += 1
+            self.state.prompts_drawn += 1
         return out
 
 
@@ -114,6 +127,8 @@ class Trainer:
         from rewards import get_reward
 
         self.config = cfg = config or GRPOConfig()
+        self.dist = distributed.setup()  # one process, or this rank's place under torchrun
+        distributed.check_config(cfg, self.dist)
         torch.manual_seed(cfg.seed)  # LoRA init and dropout
         self.model, self.tokenizer = _resolve_model(model, tokenizer, cfg)
         self.device = next(self.model.parameters()).device
@@ -127,8 +142,7 @@ class Trainer:
         self.eval_rows = prepare_rows(eval_dataset, cfg.prompt_format, "eval_dataset") if eval_dataset is not None else None
         self.callbacks = list(callbacks)
         self.state = TrainerState()
-        self.prompts = PromptStream(self.train_rows, cfg.seed, self.state)
-        self.generator = torch.Generator(self.device).manual_seed(cfg.seed)
+        self.prompts = PromptStream(self.train_rows, cfg.seed, self.state)  # the same on every rank
         self.fast_policy = FastPolicy(self.model) if cfg.fast_rollout else None  # built on first rollout
         # The algorithm is a choice of advantage function, policy loss and critic (grpo/algorithms.py).
         self.algorithm = ALGORITHMS[cfg.algorithm]
@@ -144,39 +158,59 @@ class Trainer:
             total_steps=cfg.max_steps * cfg.num_iterations, kind=cfg.lr_scheduler,
         )
         self.policy_loss = POLICY_LOSSES[self.algorithm.policy_loss]
+        # Every trainable tensor, named (gradient all-reduce, NaN reports, the same start on every rank).
+        self.named_trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        if self.critic is not None:
+            known = {id(p) for _, p in self.named_trainable}
+            self.named_trainable += [(f"critic.{i}", p) for i, p in enumerate(self.critic.parameters()) if id(p) not in known]
+        distributed.broadcast_params_([p for _, p in self.named_trainable])
+        self.stop = faults.GracefulStop()
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict[str, Any]:
+        """Run to max_steps (or until SIGINT/SIGTERM: then the summary has "stopped_by")."""
         cfg = self.config
         run_dir = Path(cfg.output_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        main = self.dist.is_main  # rank 0 writes; every rank reads
+        if main:
+            faults.check_writable(run_dir)  # fail now, not at the first save hours later
+            ckpt.remove_temporaries(run_dir)  # left by a process killed while saving
+        distributed.barrier()
         if cfg.resume_from_checkpoint:
             self.resume(cfg.resume_from_checkpoint)
-        cfg.save(run_dir / "config.yaml")
+        if main:
+            cfg.save(run_dir / "config.yaml")
         logger = MetricsLogger(run_dir, total_steps=cfg.max_steps, initial_step=self.state.step,
-                               report_to=cfg.report_to, config=cfg.to_dict(), progress_bar=cfg.progress_bar)
-        history = []
+                               report_to=cfg.report_to, config=cfg.to_dict(),
+                               progress_bar=cfg.progress_bar) if main else None
+        history, stopped_by = [], None
         try:
-            while self.state.step < cfg.max_steps:
-                metrics = self.step()
-                if cfg.eval_steps and self.eval_rows and self.state.step % cfg.eval_steps == 0:
-                    metrics.update(self.evaluate())
-                history.append(metrics)
-                if self.state.step % cfg.logging_steps == 0:
-                    logger.log(self.state.step, metrics)
-                if cfg.log_completions_steps and self.state.step % cfg.log_completions_steps == 0:
-                    logger.log_completions(self.state.step, self._last_samples)
-                for cb in self.callbacks:
-                    cb.on_step_end(self, metrics)
-                if cfg.save_steps and self.state.step % cfg.save_steps == 0:
+            with self.stop:
+                while self.state.step < cfg.max_steps:
+                    metrics = self.step()
+                    if cfg.eval_steps and self.eval_rows and self.state.step % cfg.eval_steps == 0 and main:
+                        metrics.update(self.evaluate())
+                    history.append(metrics)
+                    if logger is not None:
+                        if self.state.step % cfg.logging_steps == 0:
+                            logger.log(self.state.step, metrics)
+                        if cfg.log_completions_steps and self.state.step % cfg.log_completions_steps == 0:
+                            logger.log_completions(self.state.step, self._last_samples)
+                    for cb in self.callbacks:
+                        cb.on_step_end(self, metrics)
+                    if distributed.any_rank(self.stop.requested):
+                        stopped_by = self.stop.signal_name or "a signal on another rank"
+                        break
+                    if cfg.save_steps and self.state.step % cfg.save_steps == 0:
+                        self.save()
+                if not (run_dir / f"checkpoint-{self.state.step}").is_dir():  # the end is always saved
                     self.save()
-            if not (run_dir / f"checkpoint-{self.state.step}").is_dir():  # the end is always saved
-                self.save()
         finally:
-            logger.close()
+            if logger is not None:
+                logger.close()
         for cb in self.callbacks:
             cb.on_train_end(self)
-        return summarize(history, self.state.step, run_dir)
+        return summarize(history, self.state.step, run_dir) | ({"stopped_by": stopped_by} if stopped_by else {})
 
     def evaluate(self) -> dict[str, float]:
         """Greedy pass@1, format rate and lengths on the first eval_limit eval rows, as `test.py`."""
@@ -195,7 +229,13 @@ class Trainer:
         cfg = self.config
         t0 = time.perf_counter()
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
-        rows, rollout, rewards, per_func, sampling = self.sample_batch()  # B = P * G; [B], [B, F]
+        problem = None
+        try:
+            rows, rollout, rewards, per_func, sampling = self.sample_batch()  # B = P * G (this rank's share)
+        except NonFiniteRewardError as err:
+            problem = f"rewards: {err}"
+        if distributed.any_rank(problem is not None):
+            return self.skip_step(problem or "rewards (on another rank)", lr)
         t1 = time.perf_counter()
         train_rewards = shaped_rewards(rewards, rollout.completion_lengths, cfg)  # [B]: + overlong shaping
         zero_std = zero_std_groups(train_rewards, cfg.num_generations)  # [P]
@@ -203,16 +243,19 @@ class Trainer:
         old_logp, ref_logp = self.frozen_logprobs(rollout)
         old_values = self.critic_values(rollout) if self.critic is not None else None  # [B, T]
         inputs = AdvantageInputs(train_rewards, rollout.completion_mask, old_logp, ref_logp, old_values)
-        adv, returns = self.algorithm.advantage(inputs, cfg)  # [B] or [B, T]; value targets [B, T] or None
+        adv, returns = self.advantages(inputs)  # [B] or [B, T]; value targets [B, T] or None
         value_targets = (old_values, returns) if self.critic is not None else None
         update = {}
         for _ in range(cfg.num_iterations):
             update = self.optimize(rollout, adv, mask, old_logp, ref_logp, value_targets)
+            if "nonfinite" in update:
+                return self.skip_step(update["nonfinite"], lr)
         t2 = time.perf_counter()
         self.state.step += 1
-        metrics = {
+        self.state.nonfinite_in_row = 0
+        all_rewards, all_per_func = distributed.gather_rows(rewards), distributed.gather_rows(per_func.to(rewards.device))
+        local = {
             **update,
-            **reward_metrics(rewards, per_func, self.reward_names),
             **sampling,
             **({"overlong_penalty": (train_rewards - rewards).mean().item()} if cfg.overlong_penalty else {}),
             "frac_reward_zero_std": zero_std.float().mean().item(),
@@ -224,6 +267,9 @@ class Trainer:
             "update_s": t2 - t1,
             "tokens_per_s": rollout.num_tokens / max(t2 - t0, 1e-9),
         }
+        # Sums over ranks: quantities already divided by global counts, and the throughput.
+        metrics = distributed.reduce_metrics(local, sums={*UPDATE_SUMS, "tokens_per_s"}) | \
+            reward_metrics(all_rewards, all_per_func, self.reward_names) | {"skipped_steps": self.state.skipped_steps}
         self._last_samples = [
             {"prompt": r["prompt_text"], "completion": c, "reward": float(rw), "answer": r.get("answer")}
             for r, c, rw in zip(_repeat(rows, cfg.num_generations), rollout.completion_texts, rewards)
@@ -231,7 +277,47 @@ class Trainer:
         self.state.metrics = metrics
         return metrics
 
+    def skip_step(self, problem: str, lr: float) -> dict[str, float]:
+        """A step whose rewards, loss or gradients were not finite: no update, counted; after
+        max_nonfinite_steps in a row, stop with where the NaN came from."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        self.state.skipped_steps += 1
+        self.state.nonfinite_in_row += 1
+        if self.state.nonfinite_in_row >= self.config.max_nonfinite_steps:
+            raise faults.TrainingError(
+                f"{self.state.nonfinite_in_row} steps in a row (up to step {self.state.step}) had NaN/inf values; "
+                f"the last in {problem}. No update was applied for them and no checkpoint holds NaN weights. "
+                "Check the reward functions and the data, or lower learning_rate; then continue from the "
+                "last checkpoint with --resume_from_checkpoint latest."
+            )
+        print(f"step {self.state.step}: skipped, NaN/inf in {problem} "
+              f"({self.state.nonfinite_in_row} in a row, limit {self.config.max_nonfinite_steps})", flush=True)
+        self._last_samples = []
+        self.state.metrics = {"skipped": 1.0, "skipped_steps": float(self.state.skipped_steps), "lr": lr}
+        return dict(self.state.metrics)
+
+    def advantages(self, inputs: AdvantageInputs):
+        """The algorithm's advantages on the global batch (all ranks' rows), sliced back to
+        this rank's rows: batch statistics are those of the whole batch."""
+        if not self.dist.enabled:
+            return self.algorithm.advantage(inputs, self.config)
+        b, T = inputs.mask.shape
+        gathered = AdvantageInputs(*(distributed.gather_rows(getattr(inputs, f.name)) for f in fields(inputs)))
+        adv, returns = self.algorithm.advantage(gathered, self.config)
+        rows = slice(self.dist.rank * b, (self.dist.rank + 1) * b)
+        local = lambda x: None if x is None else (x[rows, :T] if x.dim() > 1 else x[rows])  # noqa: E731
+        return local(adv), local(returns)
+
     # ------------------------------------------------------------------ pieces of a step
+    def draw(self, n: int) -> tuple[list[dict], list[int]]:
+        """This rank's share of the next n prompts of the stream and their sampling seeds."""
+        first = self.state.prompts_drawn
+        rows = self.prompts.take(n)
+        seeds = [prompt_seed(self.config.seed, first + i) for i in range(n)]
+        share = self.dist.share(n)
+        return rows[share], seeds[share]
+
     def sample_batch(self) -> tuple[list[dict], Rollout, torch.Tensor, torch.Tensor, dict[str, float]]:
         """P prompt rows, their G completions each, task rewards [B] and per-function rewards [B, F].
 
@@ -240,9 +326,9 @@ class Trainer:
         extra rounds; if the batch is still short the set-aside groups fill it (their
         advantage is 0). The last dict holds the sampling metrics (empty without it)."""
         cfg = self.config
-        P, G = cfg.prompts_per_step, cfg.num_generations
-        rows = self.prompts.take(P)
-        rollout = self.generate(rows)
+        P, G = cfg.prompts_per_step, cfg.num_generations  # P: global; each rank samples P / world
+        rows, seeds = self.draw(P)
+        rollout = self.generate(rows, seeds)
         rewards, per_func = self.score(rows, rollout)
         if not cfg.dynamic_sampling:
             return rows, rollout, rewards, per_func, {}
@@ -251,8 +337,8 @@ class Trainer:
         rounds = 0
         while (missing := P - int(torch.cat(informative).sum())) > 0 and rounds < cfg.max_resample_rounds:
             rounds += 1
-            rows = self.prompts.take(missing)
-            rollout = self.generate(rows)
+            rows, seeds = self.draw(missing)
+            rollout = self.generate(rows, seeds)
             rewards, per_func = self.score(rows, rollout)
             draws.append((rows, rollout, rewards, per_func))
             informative.append(informative_groups(shaped_rewards(rewards, rollout.completion_lengths, cfg), G))
@@ -267,8 +353,9 @@ class Trainer:
         return ([all_rows[g] for g in groups], select_rows(rollout, index), all_rewards[index],
                 torch.cat([d[3] for d in draws])[index.cpu()], metrics)
 
-    def generate(self, rows: list[dict]) -> Rollout:
-        """G completions per row, sampled in chunks of generation_batch_size completions."""
+    def generate(self, rows: list[dict], seeds: list[int]) -> Rollout:
+        """G completions per row, sampled in chunks of generation_batch_size completions;
+        seeds: one sampling seed per row (`draw`)."""
         cfg = self.config
         texts = [self.prompt_text(r) for r in rows]
         for r, t in zip(rows, texts):
@@ -276,14 +363,18 @@ class Trainer:
         per_call = (cfg.generation_batch_size or cfg.batch_size) // cfg.num_generations
         # The fast copy is re-merged from the current adapter; log-probs still use self.model.
         sampler = self.fast_policy.refresh() if self.fast_policy is not None else self.model
-        parts = [
-            generate_rollout(
-                sampler, self.tokenizer, texts[i : i + per_call], group_size=cfg.num_generations,
-                max_prompt_length=cfg.max_prompt_length, max_new_tokens=cfg.max_completion_length,
-                temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, generator=self.generator,
-            )
-            for i in range(0, len(texts), per_call)
-        ]
+        try:
+            parts = [
+                generate_rollout(
+                    sampler, self.tokenizer, texts[i : i + per_call], group_size=cfg.num_generations,
+                    max_prompt_length=cfg.max_prompt_length, max_new_tokens=cfg.max_completion_length,
+                    temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, generator=None,
+                    prompt_seeds=seeds[i : i + per_call],
+                )
+                for i in range(0, len(texts), per_call)
+            ]
+        except torch.OutOfMemoryError as err:
+            raise faults.TrainingError(faults.rollout_oom_message(cfg, err)) from err
         return parts[0] if len(parts) == 1 else concat_rollouts(parts, resolve_pad_token_id(self.tokenizer))
 
     def prompt_text(self, row: dict) -> str:
@@ -355,9 +446,15 @@ class Trainer:
 
     def optimize(self, rollout: Rollout, adv: torch.Tensor, mask: torch.Tensor,
                  old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
-                 value_targets: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
-        """One optimizer step over the whole rollout."""
+                 value_targets: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, Any]:
+        """One optimizer step over the whole rollout (gradients summed over ranks). With a
+        NaN/inf anywhere, no step: the returned dict has "nonfinite" = where it was."""
         stats = self.accumulate_gradients(rollout, adv, mask, old_logp, ref_logp, value_targets)
+        distributed.all_reduce_grads_([p for _, p in self.named_trainable])
+        problem = stats.pop("nonfinite", None) or faults.nonfinite_grad(self.named_trainable)
+        if distributed.any_rank(problem is not None):
+            self.optimizer.zero_grad(set_to_none=True)
+            return {"nonfinite": problem or "the loss (on another rank)"}
         if self.critic is not None:  # clipped on its own: value gradients must not shrink the policy's
             stats["vf_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(
                 self.critic.parameters(), self.config.max_grad_norm if self.config.max_grad_norm > 0 else math.inf))
@@ -374,12 +471,15 @@ class Trainer:
         cfg = self.config
         self.model.train()
         # Whole-batch normalizers: the sum over micro-batches is the big-batch loss.
-        norms = dict(num_sequences=max(int((mask.sum(-1) > 0).sum()), 1), num_tokens=max(int(mask.sum()), 1),
-                     max_completion_length=cfg.max_completion_length)
+        sequences, tokens = distributed.sum_scalars([float((mask.sum(-1) > 0).sum()), float(mask.sum())])
+        norms = dict(num_sequences=max(int(sequences), 1), num_tokens=max(int(tokens), 1),
+                     max_completion_length=cfg.max_completion_length)  # of the global batch
         totals = dict.fromkeys(("loss", "kl", "entropy", "clip_ratio", "clip_ratio_low", "clip_ratio_high"), 0.0)
         for mb in self.micro_batches(rollout.completion_ids.shape[0]):
             logp, entropy = self.logprobs(rollout, mb, return_entropy=True)  # [b, T]
             m = mask[mb]
+            if (bad := faults.first_nonfinite({"policy log-probs": logp}, m)) is not None:
+                totals["nonfinite"] = bad
             old = old_logp[mb] if old_logp is not None else logp.detach()
             per_token, stats = self.policy_loss(logp, old, adv[mb], m, cfg.epsilon_low, cfg.epsilon_high)
             if ref_logp is not None:
@@ -388,6 +488,10 @@ class Trainer:
                     per_token = per_token + cfg.beta * kl
                 totals["kl"] += float((kl.detach() * m).sum())
             loss = aggregate(per_token, m, cfg.loss_type, **norms)
+            if "nonfinite" not in totals and (bad := faults.first_nonfinite(
+                    {"reference log-probs": ref_logp[mb] if ref_logp is not None else None,
+                     "advantages": adv[mb], "loss": loss.detach()}, m)) is not None:
+                totals["nonfinite"] = bad
             loss.backward()
             totals["loss"] += loss.item()
             totals["entropy"] += float((entropy * m).sum())
@@ -432,27 +536,51 @@ class Trainer:
         return [getattr(f, "__name__", f"reward_{i}") for i, f in enumerate(self.reward_funcs)]
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        """checkpoint-{step} (rank 0 writes it; every rank's RNG state goes in). Never NaN
+        weights: a non-finite trainable tensor is an error, and the older checkpoints stay."""
         cfg = self.config
-        state = asdict(self.state)
-        return ckpt.save_checkpoint(
-            cfg.output_dir, self.state.step, model=self.model, optimizer=self.optimizer,
-            scheduler=self.scheduler, generator=self.generator, trainer_state=state,
-            config=cfg, keep=cfg.save_total_limit,
-            extra_tensors={"critic": self.critic.state_dict()} if self.critic is not None else None,
-        )
+        rng = distributed.gather_objects(ckpt.rng_state())  # collective: every rank calls it
+        path = Path(cfg.output_dir) / f"checkpoint-{self.state.step}"
+        if self.dist.is_main:
+            bad = next((n for n, p in self.named_trainable if not bool(torch.isfinite(p).all())), None)
+            if bad is not None:
+                raise faults.TrainingError(f"refusing to save {path}: weight {bad} holds NaN/inf; "
+                                           "the older checkpoints are kept. Resume from the last one.")
+            path = ckpt.save_checkpoint(
+                cfg.output_dir, self.state.step, model=self.model, optimizer=self.optimizer,
+                scheduler=self.scheduler, rng_states=rng, trainer_state=asdict(self.state),
+                config=cfg, keep=cfg.save_total_limit,
+                extra_tensors={"critic": self.critic.state_dict()} if self.critic is not None else None,
+            )
+        distributed.barrier()  # a rank that stops next must not exit before the save
+        return path
 
     def resume(self, spec: str) -> None:
+        from grpo.config import check_resume_config, read_yaml
+
         path = ckpt.resolve_checkpoint(spec, self.config.output_dir)
+        if (path / "config.yaml").is_file():  # another LoRA shape or algorithm: say so before loading
+            check_resume_config(read_yaml(path / "config.yaml"), self.config, path)
         saved = ckpt.load_checkpoint(path, model=self.model, optimizer=self.optimizer,
-                                     scheduler=self.scheduler, generator=self.generator)
+                                     scheduler=self.scheduler, rank=self.dist.rank)
         if self.critic is not None:
             self.critic.load_state_dict(ckpt.load_tensors(path, "critic"))
-        for key in ("step", "epoch", "data_index", "metrics"):
-            setattr(self.state, key, saved[key])
+        for f in fields(TrainerState):
+            if f.name in saved:
+                setattr(self.state, f.name, saved[f.name])
 
 
 # ---------------------------------------------------------------------- helpers
+UPDATE_SUMS = {"loss", "kl", "entropy", "clip_ratio", "clip_ratio_low", "clip_ratio_high",
+               "vf_loss", "vf_clip_frac", "value_mean"}  # per-rank parts of global means
+
+
+def prompt_seed(seed: int, index: int) -> int:
+    """The sampling seed of the index-th prompt drawn in a run seeded `seed`."""
+    return (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + 1) % (2**63)
+
+
 def _resolve_model(model: Any, tokenizer: Any, cfg: GRPOConfig):
     """(PeftModel with a trainable `default` adapter, prepared tokenizer) from what the user gave."""
     if isinstance(model, (str, Path)):
@@ -531,8 +659,8 @@ def reward_metrics(rewards: torch.Tensor, per_func: torch.Tensor, names: list[st
 
 def summarize(history: list[dict], step: int, run_dir: Path) -> dict[str, Any]:
     """What changed over the run: mean reward of the first and last few steps."""
-    k = max(1, min(5, len(history) // 2))
-    rewards = [h["reward"] for h in history]
+    rewards = [h["reward"] for h in history if "reward" in h]  # skipped (NaN) steps have none
+    k = max(1, min(5, len(rewards) // 2))
     return {
         "steps": step,
         "run_dir": str(run_dir),

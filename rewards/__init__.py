@@ -4,7 +4,7 @@ a registry of them by name, and the weighted sum over a batch (`compute_rewards`
 `python -m rewards` runs every registered reward's worked example (from its docstring).
 """
 
-from rewards.compute import RewardError, compute_rewards
+from rewards.compute import NonFiniteRewardError, RewardError, compute_rewards
 from rewards.functions import (
     completion_text,
     consistency_reward,
@@ -20,11 +20,13 @@ from rewards.functions import (
     strict_format_reward,
     xmlcount_reward,
 )
-from rewards.registry import REGISTRY, get_reward
+from rewards.registry import REGISTRY, RewardLoadError, get_reward
 
 __all__ = [
     "REGISTRY",
+    "NonFiniteRewardError",
     "RewardError",
+    "RewardLoadError",
     "compute_rewards",
     "get_reward",
     "completion_text",

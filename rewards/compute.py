@@ -18,6 +18,11 @@ class RewardError(Exception):
     sample index and the start of its completion."""
 
 
+class NonFiniteRewardError(RewardError):
+    """A reward function returned NaN or inf. The trainer skips such a step (and stops
+    after `max_nonfinite_steps` in a row) instead of failing at once."""
+
+
 def _name(fn: Callable) -> str:
     return getattr(fn, "__name__", None) or repr(fn)
 
@@ -64,7 +69,7 @@ def _to_float(fn_name: str, i: int, v: Any, completion: Any) -> float:
             f"{type(v).__name__} {v!r:.80} (expected a float or None); completion starts {_preview(completion)}"
         )
     if not math.isfinite(x):
-        raise RewardError(
+        raise NonFiniteRewardError(
             f"reward function {fn_name!r} returned {x} for sample {i} (rewards must be finite; "
             f"return None for 'not applicable'); completion starts {_preview(completion)}"
         )
@@ -113,11 +118,17 @@ def compute_rewards(
         except Exception as exc:
             i = _failing_sample(fn, prompts, completions, columns)
             where = f"on sample {i} (completion starts {_preview(completions[i])})" if i is not None else "on the batch"
-            raise RewardError(f"reward function {name!r} raised {type(exc).__name__}: {exc} {where}") from exc
+            raise RewardError(
+                f"reward function {name!r} raised {type(exc).__name__}: {exc} {where}; fix the function, "
+                "or have it return None for a completion it cannot score"
+            ) from exc
         if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
             raise RewardError(f"reward function {name!r} returned {type(values).__name__}, expected a list of {batch}")
         if len(values) != batch:
-            raise RewardError(f"reward function {name!r} returned {len(values)} values for {batch} completions")
+            raise RewardError(
+                f"reward function {name!r} returned {len(values)} values for {batch} completions: "
+                "return one float (or None) per completion, in order"
+            )
         for i, v in enumerate(values):
             per_func[i, f] = _to_float(name, i, v, completions[i])
 

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib
 from collections.abc import Callable
 
 from rewards import functions as F
+from rewards.compute import RewardError
 
-__all__ = ["REGISTRY", "get_reward"]
+__all__ = ["REGISTRY", "RewardLoadError", "get_reward"]
+
+
+class RewardLoadError(RewardError, ValueError):
+    """A reward name or path that does not resolve to a function. A RewardError (the CLIs
+    report it as bad input) and a ValueError (what `get_reward` always raised)."""
 
 # name -> reward function (configs and the CLI refer to rewards by these names)
 REGISTRY: dict[str, Callable] = {
@@ -27,12 +34,13 @@ REGISTRY: dict[str, Callable] = {
 def get_reward(name: str) -> Callable:
     """A reward function by registry name ("correctness") or by the path of a user's
     function, "mypkg.rewards:my_reward" (or "mypkg.rewards.my_reward"). Only the named
-    module is imported; nothing is evaluated. Errors are ValueErrors naming the path.
+    module is imported; nothing is evaluated; a bare name that is not registered is an
+    error, never an import. Errors are RewardLoadErrors (ValueErrors) naming the path.
 
     Example: get_reward("int") is rewards.functions.int_reward.
     """
     if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"a reward is named by a non-empty str, got {name!r}")
+        raise RewardLoadError(f"a reward is named by a non-empty str, got {name!r}")
     name = name.strip()
     if name in REGISTRY:
         return REGISTRY[name]
@@ -41,21 +49,31 @@ def get_reward(name: str) -> Callable:
     elif "." in name:
         module_name, _, attr_path = name.rpartition(".")
     else:
-        raise ValueError(
-            f"unknown reward {name!r}: not a registered name ({', '.join(sorted(REGISTRY))}) "
-            "nor a path 'module:function'"
+        hint = difflib.get_close_matches(name, REGISTRY, n=1)
+        raise RewardLoadError(
+            f"unknown reward {name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            + f": give a registered name ({', '.join(sorted(REGISTRY))}) or the path of your own "
+            "function, 'mypkg.module:function'"
         )
     if not module_name or not attr_path:
-        raise ValueError(f"reward path {name!r} must look like 'module.sub:function'")
+        raise RewardLoadError(f"reward path {name!r} must look like 'module.sub:function'")
     try:
         obj = importlib.import_module(module_name)
     except Exception as exc:  # ImportError, or an error raised while importing the module
-        raise ValueError(f"reward {name!r}: cannot import module {module_name!r} ({type(exc).__name__}: {exc})") from exc
+        raise RewardLoadError(
+            f"reward {name!r}: cannot import module {module_name!r} ({type(exc).__name__}: {exc}); "
+            "check the spelling, and that the module is installed or its folder is on PYTHONPATH"
+        ) from exc
     for attr in attr_path.split("."):
         try:
             obj = getattr(obj, attr)
         except AttributeError as exc:
-            raise ValueError(f"reward {name!r}: {module_name!r} has no attribute {attr_path!r}") from exc
+            raise RewardLoadError(
+                f"reward {name!r}: {module_name!r} has no attribute {attr_path!r}; check the function's name"
+            ) from exc
     if not callable(obj):
-        raise ValueError(f"reward {name!r} is a {type(obj).__name__}, not a callable")
+        raise RewardLoadError(
+            f"reward {name!r} is a {type(obj).__name__}, not a callable: point the path at a function "
+            "fn(prompts, completions, **columns) -> list[float | None]"
+        )
     return obj

@@ -160,7 +160,7 @@ def parity_reward(prompts, completions, **columns):
 
 def test_dynamic_sampling_keeps_informative_groups_and_counts_draws(tmp_path):
     config = GRPOConfig(output_dir=str(tmp_path / "run"), algorithm="dapo", num_generations=4, batch_size=16,
-                        micro_batch_size=8, max_completion_length=8, beta=0.0, max_resample_rounds=3,
+                        micro_batch_size=8, max_completion_length=8, beta=0.0, max_resample_rounds=8,
                         overlong_penalty=0.0, progress_bar=False, log_completions_steps=0, save_steps=0)
     trainer = grpo.Trainer(tiny_model(), tiny_tokenizer(), [parity_reward], PROMPTS, config)
     rows, rollout, rewards, per_func, metrics = trainer.sample_batch()
@@ -258,8 +258,7 @@ def test_value_loss_gradients_accumulate_over_micro_batches(tmp_path):
                                micro_batch_size=micro)
         with torch.no_grad():
             torch.nn.init.normal_(trainer.critic.head.weight, std=0.5)
-        trainer.generator.manual_seed(3)
-        rollout = trainer.generate(trainer.prompts.take(2))
+        rollout = trainer.generate(*trainer.draw(2))  # a fresh trainer: the same seeds
         rollout.completion_mask[1, 2:] = 0  # ragged
         mask = rollout.completion_mask.float()
         old_values = trainer.critic_values(rollout)
@@ -335,11 +334,10 @@ def test_ppo_resume_is_exact_with_the_critic(tmp_path):
 
 
 def test_resuming_a_grpo_checkpoint_with_ppo_is_a_clear_error(tmp_path):
-    from grpo.checkpoint import CheckpointError
-
     make_trainer(tmp_path, max_steps=1).train()
     trainer = make_trainer(tmp_path, algorithm="ppo", max_steps=2, resume_from_checkpoint="latest")
-    with pytest.raises(CheckpointError):
+    with pytest.raises(grpo.ConfigError, match=r"checkpoint-1 was written with algorithm='grpo', but this run "
+                                               r"has algorithm='ppo': resume with the same values \(--algorithm grpo\)"):
         trainer.train()
 
 

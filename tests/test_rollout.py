@@ -17,6 +17,7 @@ from grpo.rollout import (
     default_eos_token_ids,
     encode_prompts,
     generate_rollout,
+    inverse_cdf_sample,
     next_token_probs,
     resolve_pad_token_id,
     sample,
@@ -174,6 +175,32 @@ def test_seeds_reproduce_and_differ(model, tok, prompts):
     c = _sampled(model, ids, mask, seed=1)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
+
+
+def test_prompt_seeds_make_a_prompt_independent_of_its_batch(model, tok, prompts):
+    # With one stream per prompt, prompt 2's completions are the same whether it is
+    # sampled alone, after the other two, or in another order (the data-parallel split).
+    args = dict(group_size=3, max_prompt_length=None, max_new_tokens=8, temperature=1.0,
+                top_p=1.0, top_k=0, generator=None)
+    together = generate_rollout(model, tok, prompts, prompt_seeds=[10, 11, 12], **args)
+    alone = generate_rollout(model, tok, prompts[2:], prompt_seeds=[12], **args)
+    swapped = generate_rollout(model, tok, [prompts[2], prompts[0]], prompt_seeds=[12, 10], **args)
+    assert together.completion_texts[6:] == alone.completion_texts == swapped.completion_texts[:3]
+    assert together.completion_texts[:3] == swapped.completion_texts[3:]
+    assert len(set(together.completion_texts[6:])) > 1  # the G rows of a prompt differ
+    other = generate_rollout(model, tok, prompts[2:], prompt_seeds=[13], **args)
+    assert other.completion_texts != alone.completion_texts
+    with pytest.raises(ValueError, match="prompt_seeds has 1 seeds for 3 prompts"):
+        generate_rollout(model, tok, prompts, prompt_seeds=[1], **args)
+
+
+def test_inverse_cdf_sample_hand_worked():
+    # cdf of [0.2, 0, 0.8] = [0.2, 0.2, 1.0]: u < 0.2 -> 0; u >= 0.2 -> 2 (never the empty 1).
+    probs = torch.tensor([[0.2, 0.0, 0.8]]).expand(4, -1)
+    u = torch.tensor([0.0, 0.1, 0.2, 0.999999])
+    assert inverse_cdf_sample(probs, u).tolist() == [0, 0, 2, 2]
+    # Unnormalized rows are scaled by their total: [1, 3] -> cdf [1, 4]; u 0.3 -> 1.2 -> 1.
+    assert inverse_cdf_sample(torch.tensor([[1.0, 3.0]]), torch.tensor([0.3])).tolist() == [1]
 
 
 def test_temperature_zero_is_deterministic(model, tok, prompts):

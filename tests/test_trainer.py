@@ -79,8 +79,7 @@ def test_four_micro_batches_of_two_equal_one_batch_of_eight(tmp_path, loss_type)
             for name, p in trainer.model.named_parameters():
                 if "lora_B" in name:
                     p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(7)) * 0.05)
-        trainer.generator.manual_seed(3)
-        rollout = trainer.generate(trainer.prompts.take(2))
+        rollout = trainer.generate(*trainer.draw(2))  # a fresh trainer: the same seeds
         rollout.completion_mask[0, 3:] = 0  # ragged lengths
         rollout.completion_mask[5, 1:] = 0
         g = torch.Generator().manual_seed(5)
