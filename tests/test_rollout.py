@@ -448,3 +448,29 @@ def test_4bit_lora_model_greedy_matches_generate(tok, prompts, tmp_path):
     got, _, _ = sample(lora, ids, mask, max_new_tokens=6, eos_token_ids=[EOS], pad_token_id=PAD,
                        temperature=0)
     assert torch.equal(got, hf_greedy(lora, ids, mask, 6, EOS))
+
+
+def test_reserved_cache_equals_dynamic_cache_and_never_reallocates():
+    """The cache the sampler uses writes into one buffer with room for the completion; its
+    keys/values match transformers' concatenating DynamicCache through prefill, repeat,
+    selection and decode, and the buffer is not reallocated by a decode step."""
+    from grpo.rollout import _new_cache
+
+    model = tiny_model()
+    ids = torch.randint(4, 100, (2, 5), generator=torch.Generator().manual_seed(0))
+    caches = {name: _new_cache(model, reserve) for name, reserve in (("dynamic", 0), ("reserved", 4))}
+    assert type(caches["reserved"].layers[0]).__name__ == "ReservedLayer"
+    with torch.no_grad():
+        for cache in caches.values():
+            model(input_ids=ids, past_key_values=cache, use_cache=True)
+            cache.batch_repeat_interleave(2)  # [2, ...] -> [4, ...]
+            cache.batch_select_indices(torch.tensor([0, 2, 3]))
+        buffer = caches["reserved"].layers[0]._k.data_ptr()
+        for t in range(3):
+            tok = torch.tensor([[7 + t]] * 3)
+            for cache in caches.values():
+                model(input_ids=tok, past_key_values=cache, use_cache=True)
+    assert caches["reserved"].layers[0]._k.data_ptr() == buffer  # written in place
+    assert caches["reserved"].get_seq_length() == caches["dynamic"].get_seq_length() == 8
+    for a, b in zip(caches["dynamic"].layers, caches["reserved"].layers):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
