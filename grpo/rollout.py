@@ -264,9 +264,9 @@ def _new_cache(model, reserve: int = 0):
 def _reserved_layer(reserve: int):
     """A transformers DynamicLayer that writes each new token's keys/values into a buffer
     allocated once with room for `reserve` tokens after the prompt, instead of `torch.cat`,
-    which allocates and copies the whole cache at every token (measured on CPU at batch 128
-    with a 300-token prompt: most of each decode step). `keys`/`values` are views of the
-    filled part; batch selection and repetition keep the room."""
+    which allocates and copies the whole cache at every token (SmolLM2-135M on 2 CPU cores,
+    128 rows, 200-token prompts, 64 new tokens: 47 s against 52 s, mean of 2 runs each).
+    `keys`/`values` are views of the filled part; batch selection and repetition keep the room."""
     from transformers.cache_utils import DynamicLayer
 
     class ReservedLayer(DynamicLayer):
