@@ -37,7 +37,7 @@ sys.path.insert(0, str(HERE))
 from common import load_average, machine, write_section  # noqa: E402
 from rollout import gsm8k_prompts  # noqa: E402
 
-SECTION = "## Whole GRPO step vs TRL (CPU)"
+SECTION = "## Whole GRPO step vs TRL (CPU, {precision})"  # one section per base precision
 REWARDS = ("correctness", "strict_format", "xmlcount")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -75,7 +75,7 @@ def child_ours(args, rows) -> dict:
         max_completion_length=args.new_tokens, max_steps=args.steps + 1, learning_rate=1e-5,
         lr_scheduler="constant", beta=0.04, loss_type="bnpo", lora_r=16, lora_alpha=32, lora_dropout=0.0,
         lora_target_modules=TARGETS, temperature=1.0, save_steps=0, progress_bar=False, log_completions_steps=0,
-        reward_funcs=list(REWARDS), fast_rollout=args.fast_rollout, seed=0,
+        reward_funcs=list(REWARDS), fast_rollout=args.fast_rollout, fast_rollout_keep=args.keep, seed=0,
     )
     model = load_base_model("embedded", load_in_4bit=args.four_bit)
     tok = load_tokenizer("embedded")
@@ -161,6 +161,7 @@ def run_child(args, framework: str) -> dict:
            "--trl_path", args.trl_path or ""]
     cmd += ["--four_bit"] if args.four_bit else []
     cmd += [] if args.fast_rollout else ["--no_fast_rollout"]
+    cmd += [] if args.keep else ["--no_keep"]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent)
     if res.returncode:
         tail = [ln for ln in res.stderr.strip().splitlines() if ln.strip()][-3:]
@@ -189,8 +190,10 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=1, help="interleaved rounds (ours, TRL) of fresh processes")
     p.add_argument("--four_bit", action="store_true", help="4-bit NF4 base for both")
     p.add_argument("--no_fast_rollout", dest="fast_rollout", action="store_false", help="ours without FastPolicy")
+    p.add_argument("--no_keep", dest="keep", action="store_false",
+                   help="ours with fast_rollout_keep=False (the fast copy freed during the update)")
     p.add_argument("--threads", type=int, default=1, help="torch threads in each child (see benchmarks/rollout.py)")
-    p.add_argument("--write", action="store_true", help=f"replace the {SECTION!r} section of RESULTS.md")
+    p.add_argument("--write", action="store_true", help="replace this precision's section of RESULTS.md")
     p.add_argument("--child", choices=("ours", "trl"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -221,7 +224,7 @@ def main(argv=None):
     print("\n".join(lines) + "\n" + ratio)
     if args.write:
         cmd = "python benchmarks/step.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        write_section(SECTION, "\n".join([
+        write_section(SECTION.format(precision="4-bit" if args.four_bit else "float32"), "\n".join([
             f"Measured {datetime.date.today().isoformat()} on {machine()}; {load_average()} at the end (a load above "
             "the benchmark's own threads means other jobs shared the cores); frameworks ran interleaved in fresh "
             "processes.",
@@ -230,7 +233,8 @@ def main(argv=None):
             f"Embedded SmolLM2-135M-Instruct, {'4-bit NF4' if args.four_bit else 'float32'} base, LoRA r 16 / alpha 32 / "
             f"all 7 projections, G {args.group}, {args.prompts} GSM8K prompts per step (batch {args.group * args.prompts}), "
             f"<= {args.new_tokens} completion tokens (EOS stops), beta 0.04, loss bnpo, 1 warm-up + {args.steps} timed "
-            f"steps x {args.rounds} round(s), torch threads {args.threads}, ours with fast_rollout={args.fast_rollout}. "
+            f"steps x {args.rounds} round(s), torch threads {args.threads}, ours with fast_rollout={args.fast_rollout}, "
+            f"fast_rollout_keep={args.keep}. "
             "TRL: GRPOTrainer from `pip install --no-deps --target /tmp/trl_pkg trl` (no vLLM, gradient checkpointing "
             "off, bf16 off). Peak RSS = whole-process VmHWM, reset after the base model is loaded (trainer setup + steps; includes the model, libraries, activations and our fast copy).",
             "",

@@ -148,5 +148,5 @@ def rollout_oom_message(cfg, err: BaseException) -> str:
         f"`generation_batch_size` (now {cfg.generation_batch_size or 'batch_size = ' + str(cfg.batch_size)}; "
         f"sampling in smaller chunks gives the same completions), `max_completion_length` "
         f"(now {cfg.max_completion_length}) or `num_generations` (now {cfg.num_generations}); "
-        "or turn off `fast_rollout` (saves the merged copy of the weights)."
+        "or set `fast_rollout_keep` false (frees the merged copy after each rollout)."
     )

@@ -143,7 +143,7 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.state = TrainerState()
         self.prompts = PromptStream(self.train_rows, cfg.seed, self.state)  # the same on every rank
-        self.fast_policy = FastPolicy(self.model) if cfg.fast_rollout else None  # built on first rollout
+        self.fast_policy = FastPolicy(self.model, keep=cfg.fast_rollout_keep) if cfg.fast_rollout else None  # built on first rollout
         # The algorithm is a choice of advantage function, policy loss and critic (grpo/algorithms.py).
         self.algorithm = ALGORITHMS[cfg.algorithm]
         self.critic = Critic(self.model, cfg) if self.algorithm.uses_critic else None
@@ -375,6 +375,9 @@ class Trainer:
             ]
         except torch.OutOfMemoryError as err:
             raise faults.TrainingError(faults.rollout_oom_message(cfg, err)) from err
+        finally:
+            if self.fast_policy is not None:
+                self.fast_policy.release()  # frees the copy when fast_rollout_keep is false
         return parts[0] if len(parts) == 1 else concat_rollouts(parts, resolve_pad_token_id(self.tokenizer))
 
     def prompt_text(self, row: dict) -> str:
