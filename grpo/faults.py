@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 from pathlib import Path
@@ -101,8 +100,17 @@ def nonfinite_grad(named_params: list[tuple[str, torch.nn.Parameter]]) -> str | 
     return None
 
 
-def is_finite(x: float) -> bool:
-    return math.isfinite(float(x))
+def count_skipped_step(state, limit: int, problem: str, advice: str) -> None:
+    """Count a step skipped for NaN/inf in `state` (skipped_steps, nonfinite_in_row, step
+    already advanced); raise TrainingError, saying where, once `limit` came in a row."""
+    state.skipped_steps += 1
+    state.nonfinite_in_row += 1
+    if state.nonfinite_in_row >= limit:
+        raise TrainingError(
+            f"{state.nonfinite_in_row} steps in a row (up to step {state.step}) had NaN/inf values; the last in "
+            f"{problem}. No update was applied for them and no checkpoint holds NaN weights. {advice}; then "
+            "continue from the last checkpoint with --resume_from_checkpoint latest."
+        )
 
 
 # ---------------------------------------------------------------------------------------

@@ -145,13 +145,8 @@ class SFTTrainer:
             [(n, p) for n, p in self.model.named_parameters() if p.requires_grad])
         if distributed.any_rank(problem is not None):
             self.optimizer.zero_grad(set_to_none=True)
-            self.state.nonfinite_in_row += 1
-            self.state.skipped_steps += 1
-            if self.state.nonfinite_in_row >= cfg.max_nonfinite_steps:
-                raise faults.TrainingError(
-                    f"SFT: {self.state.nonfinite_in_row} steps in a row (up to step {self.state.step}) had NaN/inf "
-                    f"in {problem or 'another rank'}; no update was applied for them. Check the targets "
-                    "or lower sft_learning_rate, then continue with --resume_from_checkpoint latest.")
+            faults.count_skipped_step(self.state, cfg.max_nonfinite_steps, f"SFT {problem or 'another rank'}",
+                                      "Check the SFT targets, or lower sft_learning_rate")
             return {"skipped": 1.0, "lr": lr}
         self.state.nonfinite_in_row = 0
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))

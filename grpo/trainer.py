@@ -282,15 +282,8 @@ class Trainer:
         max_nonfinite_steps in a row, stop with where the NaN came from."""
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
-        self.state.skipped_steps += 1
-        self.state.nonfinite_in_row += 1
-        if self.state.nonfinite_in_row >= self.config.max_nonfinite_steps:
-            raise faults.TrainingError(
-                f"{self.state.nonfinite_in_row} steps in a row (up to step {self.state.step}) had NaN/inf values; "
-                f"the last in {problem}. No update was applied for them and no checkpoint holds NaN weights. "
-                "Check the reward functions and the data, or lower learning_rate; then continue from the "
-                "last checkpoint with --resume_from_checkpoint latest."
-            )
+        faults.count_skipped_step(self.state, self.config.max_nonfinite_steps, problem,
+                                  "Check the reward functions and the data, or lower learning_rate")
         print(f"step {self.state.step}: skipped, NaN/inf in {problem} "
               f"({self.state.nonfinite_in_row} in a row, limit {self.config.max_nonfinite_steps})", flush=True)
         self._last_samples = []
