@@ -232,7 +232,7 @@ def main(argv=None):
             "`PeftModel.generate` (what TRL does without vLLM); `ours_peft` = `grpo.rollout.sample` on "
             "the PeftModel; both of ours prefill each distinct prompt once and repeat its KV cache G times "
             "(`sample(..., group_size=G)`), HF prefills all B rows; `ours_fast` = `grpo.rollout.sample` on `grpo.fastgen.FastPolicy` (float32, "
-            "LoRA merged, 4-bit base dequantized once).",
+            "LoRA merged into the dequantized base).",
             "",
             *table,
             "",

@@ -11,7 +11,11 @@ off), no vLLM, the same GSM8K test prompts (xml format) and reward functions
 (`rewards`: correctness, strict_format, xmlcount; TRL-compatible signature). Completions stop
 at EOS or the limit in both, so tokens/s counts the completion tokens each produced.
 
-Each framework runs in a fresh subprocess (so its peak RSS is its own). Peak RSS is
+Each framework runs in a fresh subprocess (so its peak RSS is its own), with glibc's
+mmap threshold fixed at 64 KiB (`MALLOC_MMAP_THRESHOLD_`): every tensor of 64 KiB or more
+is its own mapping, returned to the kernel when freed, so RSS follows the live tensors.
+With glibc's default (a threshold that grows up to 32 MiB) freed tensors stay in
+fragmented heaps and the same command measured peaks 1.5 GB apart. Peak RSS is
 the kernel's VmHWM, reset right after the base model is loaded (the same loader for both),
 so it covers trainer setup (PEFT wrap, optimizer) and the steps: model, libraries,
 activations, our fast copy, 1 warm-up step then `--steps` timed steps; frameworks are
@@ -37,7 +41,8 @@ sys.path.insert(0, str(HERE))
 from common import load_average, machine, write_section  # noqa: E402
 from rollout import gsm8k_prompts  # noqa: E402
 
-SECTION = "## Whole GRPO step vs TRL (CPU, {precision})"  # one section per base precision
+SECTION = "## Whole GRPO step vs TRL (CPU, {setting})"  # one section per precision and checkpointing
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # see the docstring: RSS that follows the live tensors
 REWARDS = ("correctness", "strict_format", "xmlcount")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -76,6 +81,7 @@ def child_ours(args, rows) -> dict:
         lr_scheduler="constant", beta=0.04, loss_type="bnpo", lora_r=16, lora_alpha=32, lora_dropout=0.0,
         lora_target_modules=TARGETS, temperature=1.0, save_steps=0, progress_bar=False, log_completions_steps=0,
         reward_funcs=list(REWARDS), fast_rollout=args.fast_rollout, fast_rollout_keep=args.keep, seed=0,
+        gradient_checkpointing=args.gradient_checkpointing,
     )
     model = load_base_model("embedded", load_in_4bit=args.four_bit)
     tok = load_tokenizer("embedded")
@@ -113,7 +119,7 @@ def child_trl(args, rows) -> dict:
         output_dir=tempfile.mkdtemp(), per_device_train_batch_size=batch, gradient_accumulation_steps=1,
         num_generations=args.group, max_completion_length=args.new_tokens, max_steps=args.steps + 1,
         learning_rate=1e-5, lr_scheduler_type="constant", beta=0.04, loss_type="bnpo", temperature=1.0,
-        gradient_checkpointing=False, bf16=False, use_cpu=True, report_to="none", save_strategy="no",
+        gradient_checkpointing=args.gradient_checkpointing, bf16=False, use_cpu=True, report_to="none", save_strategy="no",
         logging_steps=1, disable_tqdm=True, seed=0, use_vllm=False, dataloader_num_workers=0,
     )
     record: dict = {"begin": [], "end": [], "length": []}
@@ -141,7 +147,9 @@ def child_trl(args, rows) -> dict:
     trainer.train()
     times = [e - b for b, e in zip(record["begin"], record["end"])][1:]
     tokens = [length * batch for length in record["length"]][1 : len(times) + 1]
-    return {"times": times, "tokens": tokens, "rss_loaded_mb": rss_loaded}
+    import trl
+
+    return {"times": times, "tokens": tokens, "rss_loaded_mb": rss_loaded, "version": trl.__version__}
 
 
 def child(args) -> None:
@@ -162,7 +170,8 @@ def run_child(args, framework: str) -> dict:
     cmd += ["--four_bit"] if args.four_bit else []
     cmd += [] if args.fast_rollout else ["--no_fast_rollout"]
     cmd += [] if args.keep else ["--no_keep"]
-    res = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent)
+    cmd += ["--gradient_checkpointing"] if args.gradient_checkpointing else []
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent, env={**os.environ, **MALLOC_ENV})
     if res.returncode:
         tail = [ln for ln in res.stderr.strip().splitlines() if ln.strip()][-3:]
         return {"error": f"rc={res.returncode}: {' / '.join(tail)[:400]}"}
@@ -177,7 +186,7 @@ def summarize(runs: list[dict]) -> dict:
     rates = [n / t for r in ok for n, t in zip(r["tokens"], r["times"])]
     return {"step_s": statistics.median(times), "tok_s": statistics.median(rates), "steps": len(times),
             "peak_mb": max(r["peak_rss_mb"] for r in ok), "loaded_mb": max(r["rss_loaded_mb"] for r in ok),
-            "mean_tokens": statistics.mean(n for r in ok for n in r["tokens"])}
+            "mean_tokens": statistics.mean(n for r in ok for n in r["tokens"]), "version": ok[0].get("version")}
 
 
 def main(argv=None):
@@ -192,6 +201,8 @@ def main(argv=None):
     p.add_argument("--no_fast_rollout", dest="fast_rollout", action="store_false", help="ours without FastPolicy")
     p.add_argument("--no_keep", dest="keep", action="store_false",
                    help="ours with fast_rollout_keep=False (the fast copy freed during the update)")
+    p.add_argument("--gradient_checkpointing", action="store_true",
+                   help="activation checkpointing in both (TRL's default; ours is off by default)")
     p.add_argument("--threads", type=int, default=1, help="torch threads in each child (see benchmarks/rollout.py)")
     p.add_argument("--write", action="store_true", help="replace this precision's section of RESULTS.md")
     p.add_argument("--child", choices=("ours", "trl"), help=argparse.SUPPRESS)
@@ -224,7 +235,9 @@ def main(argv=None):
     print("\n".join(lines) + "\n" + ratio)
     if args.write:
         cmd = "python benchmarks/step.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        write_section(SECTION.format(precision="4-bit" if args.four_bit else "float32"), "\n".join([
+        setting = ("4-bit" if args.four_bit else "float32") + (", gradient checkpointing" if args.gradient_checkpointing else "")
+        trl_version = res.get("trl", {}).get("version") or "?"
+        write_section(SECTION.format(setting=setting), "\n".join([
             f"Measured {datetime.date.today().isoformat()} on {machine()}; {load_average()} at the end (a load above "
             "the benchmark's own threads means other jobs shared the cores); frameworks ran interleaved in fresh "
             "processes.",
@@ -234,9 +247,11 @@ def main(argv=None):
             f"all 7 projections, G {args.group}, {args.prompts} GSM8K prompts per step (batch {args.group * args.prompts}), "
             f"<= {args.new_tokens} completion tokens (EOS stops), beta 0.04, loss bnpo, 1 warm-up + {args.steps} timed "
             f"steps x {args.rounds} round(s), torch threads {args.threads}, ours with fast_rollout={args.fast_rollout}, "
-            f"fast_rollout_keep={args.keep}. "
-            "TRL: GRPOTrainer from `pip install --no-deps --target /tmp/trl_pkg trl` (no vLLM, gradient checkpointing "
-            "off, bf16 off). Peak RSS = whole-process VmHWM, reset after the base model is loaded (trainer setup + steps; includes the model, libraries, activations and our fast copy).",
+            f"fast_rollout_keep={args.keep}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'} in both. "
+            f"TRL {trl_version}: GRPOTrainer from `pip install --no-deps --target /tmp/trl_pkg trl` (no vLLM, bf16 off). "
+            "Peak RSS = whole-process VmHWM, reset after the base model is loaded (trainer setup + steps; includes the "
+            "model, libraries, activations and our fast copy), with glibc's mmap threshold fixed at 64 KiB in both "
+            "(`MALLOC_MMAP_THRESHOLD_=65536`) so that freed tensors leave the RSS.",
             "",
             *lines,
             "",

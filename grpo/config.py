@@ -116,7 +116,7 @@ class GRPOConfig:
     top_k: int = 0
     """Sample only from the k most likely tokens (0 = off)."""
     fast_rollout: bool = True
-    """Sample from a plain copy of the policy with the LoRA merged in (grpo.fastgen.FastPolicy; 4-bit base dequantized once, re-merged after each step) instead of through the PEFT model. Log-probs still come from the PEFT model. Default on: on CPU it sampled 1.12x faster than the PEFT model on a float32 base and 1.82x on a 4-bit base (benchmarks/RESULTS.md, Rollout throughput); costs one extra copy of the LoRA-targeted weights (two on a 4-bit base: the dequantized base is kept for re-merging)."""
+    """Sample from a plain copy of the policy with the LoRA merged in (grpo.fastgen.FastPolicy; the LoRA re-merged after each step, a 4-bit base dequantized again as it is) instead of through the PEFT model. Log-probs still come from the PEFT model. Default on: on CPU it sampled 1.12x faster than the PEFT model on a float32 base and 1.82x on a 4-bit base (benchmarks/RESULTS.md, Rollout throughput); costs one dense copy of the LoRA-targeted weights (fast_rollout_keep=False frees it during the update)."""
     fast_rollout_keep: bool = True
     """Keep the fast copy between rollouts (no rebuild); false frees it after each rollout, so it is not in memory during the update (lower peak), and rebuilds it before the next."""
 

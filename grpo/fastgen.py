@@ -9,11 +9,13 @@ weights are the merged ones,
 
     W = W_base + scaling * B @ A        (LoRA, Hu et al. 2021, eq. 3: h = W0 x + B A x)
 
-with W_base dequantized once from 4-bit (`bitsandbytes.functional.dequantize_4bit`, the
-same call the 4-bit forward makes) or taken as is from a full-precision base. After an
-optimizer step, `refresh()` recomputes W for the LoRA-targeted layers only, in place; the
-other weights never change (they are shared with the PEFT base when dtype and layout
-allow, so they cost no memory, or copied once otherwise).
+with W_base dequantized from 4-bit (`bitsandbytes.functional.dequantize_4bit`, the same
+call the 4-bit forward makes) or read as is from a full-precision base. After an optimizer
+step, `refresh()` recomputes W for the LoRA-targeted layers only, in place: W_base is read
+again from the base (a 4-bit base is dequantized again, one layer at a time), so the copy
+holds one dense weight per layer, never a second dense W_base. The other weights never change (they
+are shared with the PEFT base when dtype and layout allow, so they cost no memory, or
+copied once otherwise).
 
 Exactness: in float32 the merged layer computes (W0 + BA s) x where PEFT computes
 W0 x + s B(A x): the same sum in another order, so logits agree to float32 rounding
@@ -54,9 +56,13 @@ def dense_weight(param: Tensor) -> Tensor:
         import bitsandbytes.functional as bnbf
 
         return bnbf.dequantize_4bit(param.data, quant_state)
+    _reject_8bit(param)
+    return param.detach()
+
+
+def _reject_8bit(param: Tensor) -> None:
     if type(param).__name__ == "Int8Params":
         raise FastPolicyError("FastPolicy does not support 8-bit (LLM.int8) base weights; load the base in 4-bit or full precision.")
-    return param.detach()
 
 
 def _lora_factors(layer) -> list[tuple[Tensor, Tensor, float]]:
@@ -78,14 +84,15 @@ def _lora_factors(layer) -> list[tuple[Tensor, Tensor, float]]:
 
 
 @torch.no_grad()
-def merge_into(weight: Tensor, base_w: Tensor, layer) -> None:
-    """weight <- base_w + sum over active adapters of scaling * B @ A, in place.
+def merge_into(weight: Tensor, base_param: Tensor, layer) -> None:
+    """weight <- W_base + sum over active adapters of scaling * B @ A, in place, where W_base
+    is the (dequantized) value of the base layer's weight `base_param`.
 
-    One copy and one addmm per adapter, written straight into the copy's weight (no
-    temporary [out, in] tensor: on CPU, allocating ~100 M fresh floats per refresh cost
-    more than the matmuls). In float32 this is exactly PEFT's `get_delta_weight` merge.
+    The LoRA delta is added straight into the copy's weight (no temporary [out, in] delta:
+    on CPU, allocating ~100 M fresh floats per refresh cost more than the matmuls). In
+    float32 this is exactly PEFT's `get_delta_weight` merge.
     """
-    weight.copy_(base_w)
+    weight.copy_(dense_weight(base_param))  # a 4-bit base: one layer's dequantized temporary
     for B, A, scaling in _lora_factors(layer):
         weight.addmm_(B.to(weight.dtype), A.to(weight.dtype), alpha=scaling)  # [out, r] @ [r, in]
 
@@ -122,7 +129,7 @@ class FastPolicy:
         self.dtype = dtype or default_fast_dtype(self.device)
         self.keep = keep
         self._model: nn.Module | None = None
-        # name -> (weight of the copy, LoRA layer of the PEFT model, dense base weight)
+        # name -> (weight of the copy, LoRA layer of the PEFT model, its base layer's weight)
         self._lora: dict[str, tuple[nn.Parameter, nn.Module, Tensor]] = {}
         # (parameter of the copy, trainable source tensor) for copied modules_to_save weights
         self._trainable_copies: list[tuple[nn.Parameter, Tensor]] = []
@@ -147,8 +154,8 @@ class FastPolicy:
         if self._model is None:
             self._model = self._build()  # freshly built = already current
             return self._model
-        for weight, layer, base_w in self._lora.values():
-            merge_into(weight, base_w, layer)
+        for weight, layer, base_param in self._lora.values():
+            merge_into(weight, base_param, layer)
         for dst, src in self._trainable_copies:
             dst.copy_(src)
         return self._model
@@ -187,12 +194,12 @@ class FastPolicy:
             src, trainable = _unwrap_modules_to_save(src)
             if hasattr(src, "lora_A"):  # a LoRA layer: merged weight, recomputed on refresh
                 base_layer = src.get_base_layer()
-                base_w = dense_weight(base_layer.weight)  # [out, in]
-                if base_w.dtype != self.dtype and not _same_tensor(base_w, base_layer.weight):
-                    base_w = base_w.to(self.dtype)  # a fresh dequantized tensor: store it at copy precision
+                quant_state = getattr(base_layer.weight, "quant_state", None)
+                shape = quant_state.shape if quant_state is not None else base_layer.weight.shape  # [out, in]
+                _reject_8bit(base_layer.weight)
                 # Always a fresh tensor: refresh() writes into it, never into the base's weight.
-                state[f"{name}.weight"] = torch.empty(base_w.shape, dtype=self.dtype, device=self.device)
-                self._lora[name] = (None, src, base_w)
+                state[f"{name}.weight"] = torch.empty(shape, dtype=self.dtype, device=self.device)
+                self._lora[name] = (None, src, base_layer.weight)
                 if "bias" in own:
                     state[f"{name}.bias"] = self._shared_or_copy(base_layer.bias, converted)
                 continue
@@ -224,9 +231,9 @@ class FastPolicy:
         params = dict(fast.named_parameters(remove_duplicate=False))
         for p in params.values():
             p.requires_grad_(False)
-        self._lora = {n: (params[f"{n}.weight"], layer, base_w) for n, (_, layer, base_w) in self._lora.items()}
-        for weight, layer, base_w in self._lora.values():
-            merge_into(weight, base_w, layer)
+        self._lora = {n: (params[f"{n}.weight"], layer, base) for n, (_, layer, base) in self._lora.items()}
+        for weight, layer, base_param in self._lora.values():
+            merge_into(weight, base_param, layer)
         self._trainable_copies = [(params[k], src) for k, src in trainable_sources.items()
                                   if params[k].data_ptr() != src.data_ptr()]
         fast.eval()
@@ -240,7 +247,3 @@ class FastPolicy:
         if key not in converted:
             converted[key] = tensor.detach().to(self.device, self.dtype)
         return converted[key]
-
-
-def _same_tensor(a: Tensor, b: Tensor) -> bool:
-    return a.data_ptr() == b.data_ptr()

@@ -210,7 +210,7 @@ def attach_adapters(base, cfg, adapter_path: str | None = None):
         model = PeftModel.from_pretrained(base, adapter_path, adapter_name=POLICY, is_trainable=True)
         add_reference_adapter(model, adapter_path)
     if cfg.gradient_checkpointing:
-        model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model.get_base_model())
     return model
 
 
@@ -289,6 +289,16 @@ def decoder_and_head(model):
     """(the decoder returning last hidden states, the lm_head weight [V, H]) of a (PEFT) causal LM."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return base.get_decoder(), base.get_output_embeddings().weight
+
+
+def enable_checkpointing(model) -> None:
+    """Recompute each decoder layer in the backward instead of keeping its activations
+    (non-reentrant: works with frozen inputs and LoRA). transformers 5 renamed the method."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def completion_logprobs(

@@ -88,7 +88,11 @@ def test_logits_match_peft_nf4(nf4_base_dir):
     copied = fast.model.model.layers[0].self_attn.k_proj.weight
     assert (copied - original).abs().max() > 1e-3
     assert copied.dtype == torch.float32 and not hasattr(copied, "quant_state")
-    # A refresh after an update re-merges from the held dequantized base and still matches PEFT.
+    # No dense copy of the quantized base is held: the copy's own dense tensors are its
+    # parameters, and what it keeps per LoRA layer is the base's 4-bit weight itself.
+    held = [base for _, _, base in fast._lora.values()]
+    assert held and all(hasattr(b, "quant_state") and b.dtype == torch.uint8 for b in held)
+    # A refresh after an update dequantizes the base again, re-merges and still matches PEFT.
     randomize_lora(model, seed=3)
     fast.refresh()
     assert torch.allclose(logits(fast.model, IDS), logits(model, IDS), atol=ATOL, rtol=0)
