@@ -107,6 +107,7 @@ def child_trl(args, rows) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import TrainerCallback
+    import trl
     from trl import GRPOConfig, GRPOTrainer
 
     from grpo.model import load_base_model, load_tokenizer
@@ -149,8 +150,6 @@ def child_trl(args, rows) -> dict:
     trainer.train()
     times = [e - b for b, e in zip(record["begin"], record["end"])][1:]
     tokens = [length * batch for length in record["length"]][1 : len(times) + 1]
-    import trl
-
     return {"times": times, "tokens": tokens, "rss_loaded_mb": rss_loaded, "version": trl.__version__}
 
 
