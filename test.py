@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", default=None,
                    help="results folder (default: runs/eval/<model>-<format>-<time>)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
+    p.add_argument("--decode", default=None, choices=["auto", "dynamic", "static", "compiled"],
+                   help="decode loop (grpo.staticgen). Default: auto for evaluation (compiled or static on "
+                        "CUDA, dynamic on CPU); dynamic for --question/--interactive (no compile wait)")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--interactive", action="store_true",
@@ -138,13 +141,13 @@ def run_evaluation(args, model, tokenizer, rows, k_list: list[int], adapter: str
         model, tokenizer, rows, fmt=args.format, k_list=k_list, n_samples=args.samples,
         temperature=temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
         max_prompt_length=args.max_prompt_length, batch_size=args.batch_size, seed=args.seed,
-        progress=not args.no_progress,
+        progress=not args.no_progress, decode=args.decode or "auto",
     )
     meta = {
         "model": args.model, "adapter": adapter, "dataset": args.dataset, "split": args.split,
         "limit": args.limit, "format": args.format, "temperature": temperature, "top_p": args.top_p,
         "max_new_tokens": args.max_new_tokens, "max_prompt_length": args.max_prompt_length,
-        "batch_size": args.batch_size, "seed": args.seed, "wall_seconds": round(time.time() - start, 1),
+        "batch_size": args.batch_size, "seed": args.seed, "decode": args.decode or "auto", "wall_seconds": round(time.time() - start, 1),
     }
     out = Path(args.output or default_output(args))
     samples_path, summary_path = write_results(out, summary, records, meta)
@@ -186,7 +189,7 @@ def answer(args, model, tokenizer, question: str, generator) -> dict:
     rollout = generate_rollout(
         model, tokenizer, [prompt], group_size=1, max_prompt_length=args.max_prompt_length,
         max_new_tokens=args.max_new_tokens, temperature=temperature, top_p=args.top_p, top_k=0,
-        generator=generator,
+        generator=generator, decode=args.decode or "dynamic",
     )
     completion = rollout.completion_texts[0]
     reasoning, final = split_reasoning(completion, args.format)

@@ -37,6 +37,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Rollout throughput (CPU)"
 GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
 METHODS = ("hf_generate", "ours_peft", "ours_fast")
+# method -> (sample from the fast copy?, decode loop); hf_generate is apart
+OURS = {"ours_peft": (False, "dynamic"), "ours_fast": (True, "dynamic"),
+        "ours_fast_static": (True, "static"), "ours_fast_compiled": (True, "compiled")}
+DECODE_LOOPS = ("ours_fast", "ours_fast_static", "ours_fast_compiled")
+DECODE_SECTION = "## Decode loops (CPU)"
 
 
 # ---------------------------------------------------------------- shared with benchmarks/step.py
@@ -135,11 +140,12 @@ def run_precision(args, precision: str, device: torch.device) -> list[dict]:
         return model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
                               top_p=1.0, max_new_tokens=N, min_new_tokens=N, pad_token_id=pad_id)
 
-    def ours(m):
+    def ours(m, decode):
         def run():
             g = torch.Generator(device).manual_seed(0)
             return sample(m, uniq_ids, uniq_mask, group_size=args.group, max_new_tokens=N, eos_token_ids=[],
-                          pad_token_id=pad_id, temperature=1.0, generator=g, ignore_eos=True)
+                          pad_token_id=pad_id, temperature=1.0, generator=g, ignore_eos=True,
+                          decode=decode, bucket=args.bucket)
         return run
 
     def fast_refresh():
@@ -148,12 +154,14 @@ def run_precision(args, precision: str, device: torch.device) -> list[dict]:
         sync()
         refresh_s.append(time.perf_counter() - t0)
 
-    calls = {"hf_generate": hf_generate, "ours_peft": ours(model), "ours_fast": ours(fast.model)}
+    calls = {"hf_generate": hf_generate}
+    calls |= {m: ours(fast.model if on_fast else model, decode) for m, (on_fast, decode) in OURS.items()}
     model.eval()
     times = {m: [] for m in args.methods}
+    first_s = {}  # seconds of each method's first call (compiles, for ours_fast_compiled)
     for rep in range(1 - args.warmup, args.repeats + 1):  # round 0 = warm-up
         for m in args.methods:
-            if m == "ours_fast":
+            if OURS.get(m, (False,))[0]:
                 fast_refresh()
             sync()
             t0 = time.perf_counter()
@@ -164,24 +172,27 @@ def run_precision(args, precision: str, device: torch.device) -> list[dict]:
             produced = (out.shape[1] - ids.shape[1]) if m == "hf_generate" else out[0].shape[1]
             if produced != N:
                 raise RuntimeError(f"{m} produced {produced} tokens per row, expected {N}")
+            first_s.setdefault(m, dt)
             if rep:
                 times[m].append(dt)
             print(f"  {precision} {m} round {rep}: {dt:.2f} s ({B * N / dt:.0f} tok/s)", flush=True)
-    hf = statistics.median(times["hf_generate"]) if "hf_generate" in times else None
+    ref = statistics.median(times[args.reference]) if args.reference in times else None
     rows = []
     for m in args.methods:
         s = statistics.median(times[m])
         rows.append({"precision": precision, "method": m, "median_s": s, "tok_s": B * N / s,
-                     "vs_hf": (hf / s) if hf else None, "runs": len(times[m]),
-                     "note": (f"build {build_s:.2f} s once; refresh {statistics.median(refresh_s) * 1e3:.0f} ms/step"
-                              if m == "ours_fast" else "")})
+                     "vs_ref": (ref / s) if ref else None, "runs": len(times[m]),
+                     "note": "; ".join(
+                         ([f"build {build_s:.2f} s once; refresh {statistics.median(refresh_s) * 1e3:.0f} ms/step"]
+                          if m == "ours_fast" else [])
+                         + ([f"first call (compiles) {first_s[m]:.1f} s"] if m == "ours_fast_compiled" else []))})
     return rows
 
 
-def format_rows(rows) -> list[str]:
-    out = ["| base | method | median s | tokens/s | x HF generate | note |", "|---|---|---:|---:|---:|---|"]
+def format_rows(rows, reference: str) -> list[str]:
+    out = [f"| base | method | median s | tokens/s | x {reference} | note |", "|---|---|---:|---:|---:|---|"]
     for r in rows:
-        vs = f"{r['vs_hf']:.2f}" if r["vs_hf"] else "-"
+        vs = f"{r['vs_ref']:.2f}" if r["vs_ref"] else "-"
         out.append(f"| {r['precision']} | {r['method']} | {r['median_s']:.2f} | {r['tok_s']:.0f} | {vs} | {r['note']} |")
     return out
 
@@ -192,7 +203,13 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="G 4, batch 8, 16 tokens, fp32, 1 repeat")
     p.add_argument("--model", default="embedded", help="CPU: hub id / dir / embedded")
     p.add_argument("--precisions", type=lambda s: s.split(","), default=["4bit"] if on_gpu else ["fp32", "4bit"])
-    p.add_argument("--methods", type=lambda s: s.split(","), default=list(METHODS), help=f"comma list of {METHODS}")
+    p.add_argument("--methods", type=lambda s: s.split(","),
+                   default=list(METHODS) + (["ours_fast_compiled"] if on_gpu else []),
+                   help=f"comma list of hf_generate, {', '.join(OURS)}")
+    p.add_argument("--decode_loops", action="store_true",
+                   help=f"compare our decode loops on the fast copy ({', '.join(DECODE_LOOPS)}); "
+                        f"--write goes to {DECODE_SECTION!r}")
+    p.add_argument("--bucket", type=int, default=64, help="length bucket of the static/compiled loops")
     p.add_argument("--group", type=int, default=8, help="G")
     p.add_argument("--batch", type=int, default=64 if on_gpu else 16, help="completions per rollout")
     p.add_argument("--new-tokens", type=int, default=256 if on_gpu else 64)
@@ -207,6 +224,12 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     if args.quick:
         args.group, args.batch, args.new_tokens, args.repeats, args.precisions = 4, 8, 16, 1, ["fp32"]
+    args.reference = "hf_generate"
+    if args.decode_loops:
+        args.methods, args.reference = list(DECODE_LOOPS), "ours_fast"
+    unknown = [m for m in args.methods if m != "hf_generate" and m not in OURS]
+    if unknown:
+        p.error(f"--methods: unknown {unknown}; choose from hf_generate, {', '.join(OURS)}")
     if args.write and on_gpu:
         p.error("--write records the CPU table; paste GPU figures by hand with their command")
     device = torch.device("cuda" if on_gpu else "cpu")
@@ -214,10 +237,12 @@ def main(argv=None):
     rows = []
     for precision in args.precisions:
         rows += run_precision(args, precision, device)
-    table = format_rows(rows)
+    table = format_rows(rows, args.reference)
     print("\n".join(table))
-    if args.write:
-        cmd = "python benchmarks/rollout.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    cmd = "python benchmarks/rollout.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.write and args.decode_loops:
+        write_decode_section(args, table, cmd)
+    elif args.write:
         write_section(SECTION, "\n".join([
             f"Measured {datetime.date.today().isoformat()} on {machine()}; {load_average()} at the end "
             "(a load above the benchmark's own threads means other jobs shared the cores); methods "
@@ -240,6 +265,33 @@ def main(argv=None):
             "config with random weights, 4-bit + LoRA, G 8, batch 64, 256 new tokens) is the script's "
             "default on CUDA.",
         ]))
+
+
+def write_decode_section(args, table: list[str], cmd: str) -> None:
+    write_section(DECODE_SECTION, "\n".join([
+        f"Measured {datetime.date.today().isoformat()} on {machine()}; {load_average()} at the end; methods ran "
+        "interleaved and the table gives medians.",
+        f"Command: `{cmd}`",
+        "",
+        f"The three decode loops of `grpo.rollout.sample` on the same fast copy (embedded SmolLM2-135M-Instruct, "
+        f"LoRA merged, float32): `ours_fast` = the dynamic loop (growing KV cache, finished rows dropped); "
+        f"`ours_fast_static` = `grpo.staticgen` (static KV cache, fixed batch, lengths bucketed to "
+        f"{args.bucket}); `ours_fast_compiled` = the same with the one-token step under `torch.compile` "
+        f"(inductor; mode reduce-overhead, which means CUDA graphs on a GPU and nothing more on CPU). G "
+        f"{args.group}, batch {args.batch}, exactly {args.new_tokens} new tokens per row, temperature 1; median "
+        f"of {args.repeats} timed rounds after a warm-up round (which holds the compile), torch threads "
+        f"{args.threads}.",
+        "",
+        *table,
+        "",
+        "Every row here runs to the length limit, so the dynamic loop's one advantage, dropping finished "
+        "rows, does not show; in real rollouts rows stop apart and the static loop keeps computing the "
+        "finished ones. On CPU neither fixed-shape loop is worth that (compiling costs a minute and the step "
+        "does not get faster), so `rollout_decode: auto` keeps the dynamic loop there. The static and "
+        "compiled loops are built for CUDA, where a small model's decode step is bound by kernel launches; "
+        "no GPU was lent to the session that wrote them, so their GPU speed is not measured "
+        "(`python benchmarks/rollout.py` on a CUDA machine includes `ours_fast_compiled` by default).",
+    ]))
 
 
 if __name__ == "__main__":

@@ -119,6 +119,10 @@ class GRPOConfig:
     """Sample from a plain copy of the policy with the LoRA merged in (grpo.fastgen.FastPolicy; the LoRA re-merged after each step, a 4-bit base dequantized again as it is) instead of through the PEFT model. Log-probs still come from the PEFT model. Default on: on CPU it sampled 1.12x faster than the PEFT model on a float32 base and 1.82x on a 4-bit base (benchmarks/RESULTS.md, Rollout throughput); costs one dense copy of the LoRA-targeted weights (fast_rollout_keep=False frees it during the update)."""
     fast_rollout_keep: bool = True
     """Keep the fast copy between rollouts (no rebuild); false frees it after each rollout, so it is not in memory during the update (lower peak), and rebuilds it before the next."""
+    rollout_decode: str = "auto"
+    """The decode loop (grpo.staticgen): "dynamic" (the KV cache grows, finished rows leave the batch), "static" (a static KV cache and fixed shapes), "compiled" (static, and the one-token step under torch.compile mode="reduce-overhead": CUDA graphs on a GPU), or "auto": compiled on CUDA when sampling from the fast copy, static on CUDA through the PEFT model, dynamic on CPU, where the fixed-shape loops were no faster (benchmarks/RESULTS.md, Decode loops). Compiled keeps the KV cache of the last shape between rollouts (the graphs replay on its addresses)."""
+    rollout_bucket: int = 64
+    """Static and compiled decode: the prompt and completion lengths are rounded up to multiples of this, so rollouts of nearby lengths replay the same compiled graph."""
 
     # ---------------------------------------------------------------- objective
     beta: float = 0.04
@@ -261,6 +265,7 @@ class GRPOConfig:
         """Fail early, with the fix in the message."""
         from data.formats import FORMATS
         from grpo.logprobs import METHODS
+        from grpo.staticgen import DECODE_MODES
 
         checks = [
             (self.mode in MODES, f"mode={self.mode!r}: choose one of {', '.join(MODES)}."),
@@ -311,6 +316,9 @@ class GRPOConfig:
             (self.temperature >= 0, f"temperature={self.temperature} must be >= 0 (0 = greedy)."),
             (0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1]."),
             (self.top_k >= 0, f"top_k={self.top_k} must be >= 0 (0 = off)."),
+            (self.rollout_decode in DECODE_MODES,
+             f"rollout_decode={self.rollout_decode!r}: choose one of {', '.join(DECODE_MODES)}."),
+            (self.rollout_bucket >= 1, f"rollout_bucket={self.rollout_bucket} must be >= 1 (tokens)."),
             (self.max_prompt_length > 0, f"max_prompt_length={self.max_prompt_length} must be > 0."),
             (self.num_iterations >= 1, f"num_iterations={self.num_iterations} must be >= 1."),
             (self.max_steps >= 0, f"max_steps={self.max_steps} must be >= 0."),

@@ -149,13 +149,16 @@ def evaluate(
     batch_size: int = 16,
     seed: int = 0,
     progress: bool = True,
+    decode: str = "auto",
+    bucket: int = 64,
 ) -> tuple[dict, list[dict]]:
     """Greedy pass@1 and, with `n_samples > 0`, sampled pass@k on `rows`.
 
     rows: dicts with "question" and "answer" (the gold, e.g. "72"), as `data.load_gsm8k`
     gives. `batch_size` is the number of completions per sampler call (greedy: questions
     per call; sampled: max(1, batch_size // n_samples) questions per call).
-    `temperature`/`top_p` apply to the samples only.
+    `temperature`/`top_p` apply to the samples only. `decode`/`bucket`: the decode loop
+    (`grpo.rollout.sample`); sampled completions are reproducible for a given loop.
 
     Returns (summary, records): summary as in the module docstring (plus "n_questions",
     "n_samples", "k_list"); one record per question:
@@ -167,7 +170,8 @@ def evaluate(
     prompts = [_prompt_text(tokenizer, row, fmt, i) for i, row in enumerate(rows)]
     device = next(model.parameters()).device
     generator = torch.Generator(device).manual_seed(seed)
-    common = dict(max_prompt_length=max_prompt_length, max_new_tokens=max_new_tokens, top_k=0)
+    common = dict(max_prompt_length=max_prompt_length, max_new_tokens=max_new_tokens, top_k=0,
+                  decode=decode, bucket=bucket)
 
     bar = _progress_bar(len(rows) * (1 + n_samples), progress)
     greedy = _generate(model, tokenizer, prompts, 1, batch_size, bar,

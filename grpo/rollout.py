@@ -31,6 +31,8 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
+from grpo import staticgen
+
 
 @dataclass
 class Rollout:
@@ -248,6 +250,11 @@ def _accepts_logits_to_keep(model) -> bool:
     return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
+def _is_plain(model) -> bool:
+    """A transformers model with neither PEFT layers nor a bitsandbytes-quantized base."""
+    return not hasattr(model, "peft_config") and getattr(model, "hf_quantizer", None) is None
+
+
 def _new_cache(model, reserve: int = 0):
     """A DynamicCache whose full-attention layers keep room for `reserve` more tokens
     (`ReservedLayer`); other layer kinds (sliding windows) stay as transformers makes them."""
@@ -337,6 +344,8 @@ def sample(
     ignore_eos: bool = False,
     compact: bool = True,
     group_size: int = 1,
+    decode: str = "dynamic",
+    bucket: int = 64,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Sample completions for left-padded prompts with a KV cache.
 
@@ -349,6 +358,9 @@ def sample(
     `group_size=G` samples G completions of each prompt (output row p*G + g from prompt p)
     with ONE prefill per distinct prompt: the prompt's KV cache and last logits are
     repeated G times after the prefill, so the prompt costs 1/G of repeating it.
+    `decode`: "dynamic" (this module's loop: a growing cache, finished rows dropped),
+    "static" or "compiled" (`grpo.staticgen`: fixed shapes bucketed to multiples of
+    `bucket`, the step compiled with CUDA graphs), or "auto" (`staticgen.resolve_decode`).
 
     Returns (B = number of prompts * group_size) completion_ids [B, T] long (right-padded with `pad_token_id`),
     completion_mask [B, T] long (1 up to and including the EOS), truncated [B] bool
@@ -373,15 +385,32 @@ def sample(
         u = streams.uniforms(rows) if streams is not None and temperature > 0 else None
         return select_next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, u=u, generator=generator)
 
+    decode = staticgen.resolve_decode(decode, input_ids.device, plain_model=_is_plain(model))
+    loop_args = dict(max_new_tokens=max_new_tokens, group_size=group_size, select=select,
+                     eos_token_ids=[] if ignore_eos else list(eos_token_ids))
     with torch.no_grad(), _eval_mode(model):
-        tokens, lengths, stopped = _decode_loop(
-            model, input_ids, attention_mask, max_new_tokens=max_new_tokens, group_size=group_size,
-            eos_token_ids=[] if ignore_eos else list(eos_token_ids), select=select, compact=compact,
-        )
+        if decode == "dynamic":
+            tokens, lengths, stopped = _decode_loop(model, input_ids, attention_mask, compact=compact, **loop_args)
+        else:
+            tokens, lengths, stopped = staticgen.static_decode_loop(
+                model, input_ids, attention_mask, bucket=bucket, compiled=decode == "compiled",
+                pad_token_id=pad_token_id, **loop_args)
     width = int(lengths.max())
     completion_mask = (torch.arange(width, device=lengths.device) < lengths[:, None]).long()
     completion_ids = tokens[:, :width].masked_fill(completion_mask == 0, pad_token_id)
     return completion_ids, completion_mask, ~stopped
+
+
+def prefill(model, input_ids: Tensor, attention_mask: Tensor, cache) -> tuple[Tensor, Tensor, Tensor]:
+    """Run the left-padded prompts [P, Tp] through the model into `cache`. Left padding:
+    the position of a real token = the number of real tokens before it. Returns the last
+    column's logits [P, V], the mask [P, Tp] long and the next position [P, 1]."""
+    mask = attention_mask.long()
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # [P, Tp]
+    extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                past_key_values=cache, use_cache=True, **extra)
+    return out.logits[:, -1], mask, position_ids[:, -1:] + 1
 
 
 def _decode_loop(
@@ -396,15 +425,7 @@ def _decode_loop(
     eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
     rows = torch.arange(B, device=device)  # original index of each row still in the batch
     cache = _new_cache(model, reserve=max_new_tokens)
-
-    # Prefill. Left padding: position of a real token = number of real tokens before it.
-    mask = attention_mask.long()
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, Tp]
-    extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                past_key_values=cache, use_cache=True, **extra)
-    logits = out.logits[:, -1]  # [P, V]
-    next_pos = position_ids[:, -1:] + 1  # [P, 1]
+    logits, mask, next_pos = prefill(model, input_ids, attention_mask, cache)
     if group_size > 1:  # one prefill per prompt, then G copies of its cache: [P, ...] -> [P*G, ...]
         cache.batch_repeat_interleave(group_size)
         logits, mask, next_pos = (x.repeat_interleave(group_size, dim=0) for x in (logits, mask, next_pos))
@@ -477,11 +498,14 @@ def generate_rollout(
     generator: torch.Generator | None,
     eos_token_ids: list[int] | None = None,
     prompt_seeds: list[int] | None = None,
+    decode: str = "dynamic",
+    bucket: int = 64,
 ) -> Rollout:
     """G = `group_size` sampled completions for each of P chat-templated prompts.
 
     Rows p*G .. p*G+G-1 belong to prompt p (B = P * G). Tensors are on the model's
-    device (the device of its first parameter). `prompt_seeds` (one per prompt): see `sample`.
+    device (the device of its first parameter). `prompt_seeds` (one per prompt), `decode`
+    and `bucket`: see `sample`.
     """
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
@@ -498,6 +522,7 @@ def generate_rollout(
         max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids,
         pad_token_id=resolve_pad_token_id(tokenizer), temperature=temperature,
         top_p=top_p, top_k=top_k, generator=generator, prompt_seeds=prompt_seeds,
+        decode=decode, bucket=bucket,
     )
     return Rollout(
         prompt_ids=prompt_ids,

@@ -85,6 +85,25 @@ def tiny_model(
     return model
 
 
+def tiny_gpt2(eos_token_id: int = 2, pad_token_id: int = 0):
+    """A tiny 2-layer GPT-2 with random weights: learned ABSOLUTE positions, so wrong
+    position ids under left padding change its outputs (Qwen3's RoPE is shift-invariant and
+    would not notice)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=100, n_positions=256, n_embd=32, n_layer=2, n_head=2,
+                        initializer_range=0.3, bos_token_id=None, eos_token_id=eos_token_id,
+                        pad_token_id=pad_token_id)
+    return GPT2LMHeadModel(config).eval()
+
+
+def chat_prompt(tokenizer, content: str) -> str:
+    """One user turn through the tokenizer's chat template, ready for the assistant."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
 def save_tiny_model(path, **model_kwargs):
     """A folder holding `tiny_model(**model_kwargs)` and `tiny_tokenizer()`, loadable by
     `train.py --model PATH` / `test.py --model PATH` (float32, offline). Returns the path."""

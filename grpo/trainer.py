@@ -221,6 +221,7 @@ class Trainer:
             self.model, self.tokenizer, self.eval_rows[: cfg.eval_limit], fmt=cfg.prompt_format,
             max_new_tokens=cfg.max_completion_length, max_prompt_length=cfg.max_prompt_length,
             batch_size=cfg.generation_batch_size or cfg.batch_size, seed=cfg.seed, progress=False,
+            decode=cfg.rollout_decode, bucket=cfg.rollout_bucket,
         )
         return {f"eval/{k}": v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
@@ -362,7 +363,7 @@ class Trainer:
                     sampler, self.tokenizer, texts[i : i + per_call], group_size=cfg.num_generations,
                     max_prompt_length=cfg.max_prompt_length, max_new_tokens=cfg.max_completion_length,
                     temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, generator=None,
-                    prompt_seeds=seeds[i : i + per_call],
+                    prompt_seeds=seeds[i : i + per_call], decode=cfg.rollout_decode, bucket=cfg.rollout_bucket,
                 )
                 for i in range(0, len(texts), per_call)
             ]

@@ -1,10 +1,27 @@
-"""Shared fixtures: a tiny model folder for the CLIs, and one tiny finished run (SFT + GRPO)."""
+"""Shared fixtures: the tiny tokenizer and decoders of the sampler tests, a tiny model folder
+for the CLIs, and one tiny finished run (SFT + GRPO)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The offline tiny tokenizer (with a chat template)."""
+    from grpo.testing import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module", params=["qwen3", "gpt2"])
+def model(request):
+    """Both tiny decoders: Qwen3 (RoPE, grouped KV heads) and GPT-2 (absolute positions)."""
+    from grpo.testing import tiny_gpt2, tiny_model
+
+    return tiny_model() if request.param == "qwen3" else tiny_gpt2()
 
 
 @pytest.fixture(scope="session")

@@ -111,6 +111,9 @@ CASES = [
          ["prompt_format='json'", "choose one of xml, hash, xml3"]),
     Case("unknown-logprob-method", "train", ["--logprob_method", "exact"],
          ["logprob_method='exact'", "choose auto or one of", "fused"]),
+    Case("unknown-rollout-decode", "train", ["--rollout_decode", "graphs"],
+         ["rollout_decode='graphs'", "choose one of auto, dynamic, static, compiled"]),
+    Case("rollout-bucket-zero", "train", ["--rollout_bucket", "0"], ["rollout_bucket=0", "must be >= 1"]),
     # ------------------------------------------------------------------ config files
     Case("config-file-missing", "train", ["--config", "{tmp}/none.yaml"],
          ["none.yaml", "does not exist", "check the path", "configs/demo.yaml"]),

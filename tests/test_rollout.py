@@ -25,43 +25,15 @@ from grpo.rollout import (
     top_k_filter,
     top_p_keep_mask,
 )
-from grpo.testing import tiny_model, tiny_tokenizer
+from grpo.testing import chat_prompt, tiny_model, tiny_tokenizer
 
 EOS, PAD, IM_START = 2, 0, 1
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-def tiny_gpt2():
-    """A tiny GPT-2: learned ABSOLUTE positions, so wrong position ids under left padding
-    change its outputs (Qwen3's RoPE is shift-invariant and would not notice)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=100, n_positions=128, n_embd=32, n_layer=2, n_head=2,
-                        initializer_range=0.3, bos_token_id=None, eos_token_id=EOS,
-                        pad_token_id=PAD)
-    return GPT2LMHeadModel(config).eval()
-
-
-@pytest.fixture(scope="module", params=["qwen3", "gpt2"])
-def model(request):
-    return tiny_model() if request.param == "qwen3" else tiny_gpt2()
-
-
-def chat(tok, content: str) -> str:
-    return tok.apply_chat_template(
-        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
-    )
-
-
-@pytest.fixture(scope="module")
 def prompts(tok):
     # Three different lengths, so the batch is left-padded.
-    return [chat(tok, "hi"), chat(tok, "what is 2+2?"), chat(tok, "a much longer question, ok?")]
+    return [chat_prompt(tok, "hi"), chat_prompt(tok, "what is 2+2?"), chat_prompt(tok, "a much longer question, ok?")]
 
 
 def hf_greedy(model, ids, mask, max_new_tokens, eos):
@@ -370,13 +342,13 @@ def test_rollout_texts_keep_emitted_special_tokens_but_not_stop_eos(tok):
     # Prompt ends in '\n' (generation prompt). Script: '\n' -> <|im_start|> -> 'a' -> 'b' -> EOS.
     nl, a, b = (tok.convert_tokens_to_ids(ch) for ch in "\nab")
     lm = bigram({nl: IM_START, IM_START: a, a: b, b: EOS})
-    r = generate_rollout(lm, tok, [chat(tok, "q")], group_size=2, max_prompt_length=None,
+    r = generate_rollout(lm, tok, [chat_prompt(tok, "q")], group_size=2, max_prompt_length=None,
                          max_new_tokens=10, temperature=0, top_p=1.0, top_k=0, generator=None,
                          eos_token_ids=[EOS])
     assert r.completion_ids[0].tolist() == [IM_START, a, b, EOS]
     assert r.completion_texts == ["<|im_start|>ab", "<|im_start|>ab"]
     # Truncated rows keep all their tokens (no EOS to cut): limit 2 -> "<|im_start|>a".
-    r = generate_rollout(lm, tok, [chat(tok, "q")], group_size=1, max_prompt_length=None,
+    r = generate_rollout(lm, tok, [chat_prompt(tok, "q")], group_size=1, max_prompt_length=None,
                          max_new_tokens=2, temperature=0, top_p=1.0, top_k=0, generator=None,
                          eos_token_ids=[EOS])
     assert r.truncated.tolist() == [True] and r.completion_texts == ["<|im_start|>a"]
