@@ -3,7 +3,8 @@ one-token decode step can be captured once by `torch.compile(mode="reduce-overhe
 (CUDA graphs on a GPU) and replayed at every token.
 
 Why: on a GPU a small model's decode step is bound by kernel launches, not by FLOPs
-(Qwen3-0.6B: 28 layers x ~15 kernels per token). A CUDA graph replays the whole step as
+(Qwen3-0.6B: 28 layers of norms, projections, RoPE, attention and MLP: hundreds of
+small kernels per token). A CUDA graph replays the whole step as
 one launch, but it needs the same shapes and the same memory addresses at every replay.
 The default loop (`grpo.rollout._decode_loop`) breaks both: its cache grows and finished
 rows are dropped from the batch. Here instead:
@@ -25,8 +26,8 @@ The prefill (variable length, run once) stays eager, on one copy of each prompt;
 cache is then repeated G times, as in the dynamic loop.
 
 Cost: every step attends over all L slots (masked), and finished rows are not dropped.
-On CPU that loses to the dynamic loop (benchmarks/RESULTS.md), so "auto" picks it only
-on CUDA. Exactness: the same tokens as the dynamic loop under greedy decoding, and under
+On CPU it was no faster than the dynamic loop, compiled or not (benchmarks/RESULTS.md,
+Decode loops), so "auto" picks it only on CUDA. Exactness: the same tokens as the dynamic loop under greedy decoding, and under
 sampling with per-prompt seeds (`PromptStreams` draws for every row either way);
 tests/test_staticgen.py.
 """
