@@ -120,7 +120,7 @@ class GRPOConfig:
     fast_rollout_keep: bool = True
     """Keep the fast copy between rollouts (no rebuild); false frees it after each rollout, so it is not in memory during the update (lower peak), and rebuilds it before the next."""
     rollout_decode: str = "auto"
-    """The decode loop (grpo.staticgen): "dynamic" (the KV cache grows, finished rows leave the batch), "static" (a static KV cache and fixed shapes), "compiled" (static, and the one-token step under torch.compile mode="reduce-overhead": CUDA graphs on a GPU), or "auto": compiled on CUDA when sampling from the fast copy, static on CUDA through the PEFT model, dynamic on CPU, where the fixed-shape loops were no faster (benchmarks/RESULTS.md, Decode loops). Compiled keeps the KV cache of the last shape between rollouts (the graphs replay on its addresses)."""
+    """The decode loop (grpo.staticgen): "dynamic" (the KV cache grows, finished rows leave the batch), "static" (a static KV cache and fixed shapes), "compiled" (static, and the one-token step under torch.compile mode="reduce-overhead": CUDA graphs on a GPU), or "auto": compiled on CUDA when sampling from a kept fast copy (fast_rollout and fast_rollout_keep), static on CUDA otherwise (the PEFT model is not compiled; evaluation samples through it), dynamic on CPU, where the fixed-shape loops were no faster (benchmarks/RESULTS.md, Decode loops). Compiled keeps the KV cache of the last shape between rollouts (the graphs replay on its addresses)."""
     rollout_bucket: int = 64
     """Static and compiled decode: the prompt and completion lengths are rounded up to multiples of this, so rollouts of nearby lengths replay the same compiled graph."""
 
@@ -319,6 +319,9 @@ class GRPOConfig:
             (self.rollout_decode in DECODE_MODES,
              f"rollout_decode={self.rollout_decode!r}: choose one of {', '.join(DECODE_MODES)}."),
             (self.rollout_bucket >= 1, f"rollout_bucket={self.rollout_bucket} must be >= 1 (tokens)."),
+            (not (self.rollout_decode == "compiled" and self.fast_rollout and not self.fast_rollout_keep),
+             "rollout_decode='compiled' with fast_rollout_keep=false would compile the rebuilt copy again at "
+             "every rollout: keep the copy (fast_rollout_keep: true) or use rollout_decode: static."),
             (self.max_prompt_length > 0, f"max_prompt_length={self.max_prompt_length} must be > 0."),
             (self.num_iterations >= 1, f"num_iterations={self.num_iterations} must be >= 1."),
             (self.max_steps >= 0, f"max_steps={self.max_steps} must be >= 0."),

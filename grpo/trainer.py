@@ -37,6 +37,7 @@ from grpo.advantages import zero_std_groups
 from grpo.algorithms import ALGORITHMS, AdvantageInputs, fill_batch, informative_groups, shaped_rewards
 from grpo.config import GRPOConfig
 from grpo.fastgen import FastPolicy
+from grpo.staticgen import resolve_decode
 from grpo.critic import Critic
 from grpo.losses import POLICY_LOSSES, aggregate, kl_k3, value_loss
 from grpo.metrics import MetricsLogger
@@ -144,6 +145,9 @@ class Trainer:
         self.state = TrainerState()
         self.prompts = PromptStream(self.train_rows, cfg.seed, self.state)  # the same on every rank
         self.fast_policy = FastPolicy(self.model, keep=cfg.fast_rollout_keep) if cfg.fast_rollout else None  # built on first rollout
+        # Compile only a copy that lives across rollouts: a rebuilt one would be compiled again each time.
+        self.rollout_decode = resolve_decode(cfg.rollout_decode, self.device,
+                                             plain_model=cfg.fast_rollout and cfg.fast_rollout_keep)
         # The algorithm is a choice of advantage function, policy loss and critic (grpo/algorithms.py).
         self.algorithm = ALGORITHMS[cfg.algorithm]
         self.critic = Critic(self.model, cfg) if self.algorithm.uses_critic else None
@@ -221,7 +225,8 @@ class Trainer:
             self.model, self.tokenizer, self.eval_rows[: cfg.eval_limit], fmt=cfg.prompt_format,
             max_new_tokens=cfg.max_completion_length, max_prompt_length=cfg.max_prompt_length,
             batch_size=cfg.generation_batch_size or cfg.batch_size, seed=cfg.seed, progress=False,
-            decode=cfg.rollout_decode, bucket=cfg.rollout_bucket,
+            # through the PEFT model, which is not compiled (see rollout_decode)
+            decode="static" if self.rollout_decode == "compiled" else self.rollout_decode, bucket=cfg.rollout_bucket,
         )
         return {f"eval/{k}": v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
@@ -363,7 +368,7 @@ class Trainer:
                     sampler, self.tokenizer, texts[i : i + per_call], group_size=cfg.num_generations,
                     max_prompt_length=cfg.max_prompt_length, max_new_tokens=cfg.max_completion_length,
                     temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, generator=None,
-                    prompt_seeds=seeds[i : i + per_call], decode=cfg.rollout_decode, bucket=cfg.rollout_bucket,
+                    prompt_seeds=seeds[i : i + per_call], decode=self.rollout_decode, bucket=cfg.rollout_bucket,
                 )
                 for i in range(0, len(texts), per_call)
             ]

@@ -114,6 +114,8 @@ CASES = [
     Case("unknown-rollout-decode", "train", ["--rollout_decode", "graphs"],
          ["rollout_decode='graphs'", "choose one of auto, dynamic, static, compiled"]),
     Case("rollout-bucket-zero", "train", ["--rollout_bucket", "0"], ["rollout_bucket=0", "must be >= 1"]),
+    Case("compiled-decode-of-a-freed-copy", "train", ["--rollout_decode", "compiled", "--fast_rollout_keep", "false"],
+         ["rollout_decode='compiled'", "fast_rollout_keep=false", "rollout_decode: static"]),
     # ------------------------------------------------------------------ config files
     Case("config-file-missing", "train", ["--config", "{tmp}/none.yaml"],
          ["none.yaml", "does not exist", "check the path", "configs/demo.yaml"]),
