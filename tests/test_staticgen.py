@@ -125,6 +125,23 @@ def test_ignore_eos_gives_every_row_max_new_tokens(batch):
     assert out[0].shape == (3, 24) and bool(out[1].all()) and bool(out[2].all())
 
 
+def test_checking_for_stops_every_few_tokens_changes_nothing(batch):
+    """On CUDA the host reads the all-stopped flag every 16 tokens only; the extra steps
+    after the last row stopped must not change any row's tokens, length or stop flag."""
+    model = tiny_model()
+    ids, mask = batch
+    out, _, _ = sample(model, ids, mask, max_new_tokens=24, eos_token_ids=[], pad_token_id=PAD, temperature=0)
+    eos = sorted({int(out[r, 3 + 2 * r]) for r in range(3)})  # every row stops early, at different steps
+    kw = dict(max_new_tokens=24, eos_token_ids=eos, bucket=16, select=lambda logits, rows: logits.argmax(-1))
+    with torch.no_grad():
+        every, every5 = (static_decode_loop(model, ids, mask, sync_every=k, **kw) for k in (1, 5))
+    lengths = every[1]
+    assert bool(every[2].all()) and int(lengths.max()) < 24 and len(set(lengths.tolist())) > 1
+    assert torch.equal(every5[1], lengths) and torch.equal(every5[2], every[2])
+    for row, n in enumerate(lengths.tolist()):
+        assert torch.equal(every5[0][row, :n], every[0][row, :n])
+
+
 def test_cache_is_reused_and_stale_slots_are_hidden(tok):
     """A second rollout of the same bucketed shape writes into the same cache tensors (the
     addresses a CUDA graph replays on), and the first rollout's values left in the slots
