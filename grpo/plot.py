@@ -8,8 +8,9 @@ skipped. matplotlib is the optional extra `plot` (`pip install 'grpo[plot]'`); i
 imported only when plotting, with the Agg backend (no display needed).
 
 Figures: reward.png (total, and one line per reward function `rewards/<name>`),
-accuracy.png (`rewards/correctness*` and the eval `eval/pass@1`), kl.png,
-completion_length.png, loss.png, sft_loss.png.
+accuracy.png (`rewards/correctness*` and the eval `eval/pass@1`), format.png (the sampled
+completions' `truncated_frac` and the eval's `eval/format_rate` and `eval/truncated_rate`),
+kl.png, completion_length.png, loss.png, sft_loss.png.
 """
 
 from __future__ import annotations
@@ -137,6 +138,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     reward_keys = [k for k in keys if k.startswith("rewards/") and not k.endswith("_std")]
     accuracy_keys = [k for k in reward_keys if k.split("/", 1)[1].startswith("correctness")]
     eval_keys = [k for k in keys if k.startswith("eval/pass@")]
+    eval_format_keys = [k for k in ("eval/format_rate", "eval/truncated_rate") if k in keys]
 
     def lines(*ks: str) -> list[tuple[str, list, list]]:
         return [(k, *series(records, k)) for k in ks]
@@ -146,6 +148,8 @@ def plot_run(run_dir: str | Path) -> list[Path]:
                 lines("reward", *reward_keys)),
         _figure(plt, out / "accuracy.png", "Accuracy (training reward and eval)", "fraction correct",
                 lines(*accuracy_keys), evals=lines(*eval_keys)),
+        _figure(plt, out / "format.png", "Format and truncation (training samples and eval)",
+                "fraction of completions", lines("truncated_frac"), evals=lines(*eval_format_keys)),
         _figure(plt, out / "kl.png", "KL to the reference policy", "KL (mean per token)", lines("kl")),
         _figure(plt, out / "completion_length.png", "Completion length", "tokens",
                 lines("completion_length")),

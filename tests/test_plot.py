@@ -37,6 +37,7 @@ def write_run(run, steps=30, sft=True, eval_every=10):
                "kl": 0.001 * s, "completion_length": 100 + s, "truncated_frac": 0.0}
         if s % eval_every == 0:
             rec["eval/pass@1"] = s / (3 * steps)
+            rec["eval/format_rate"] = 0.5 + s / (3 * steps)
         lines.append(json.dumps(rec))
     (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     if sft:
@@ -50,7 +51,8 @@ def test_plot_run_writes_every_png(tmp_path):
     write_run(run)
     paths = plot_run(run)
     names = sorted(p.name for p in paths)
-    assert names == ["accuracy.png", "completion_length.png", "kl.png", "loss.png", "reward.png", "sft_loss.png"]
+    assert names == ["accuracy.png", "completion_length.png", "format.png", "kl.png", "loss.png", "reward.png",
+                     "sft_loss.png"]
     for p in paths:
         assert p.parent == run / "plots"
         assert p.read_bytes()[:8] == PNG_MAGIC and p.stat().st_size > 5000
