@@ -11,7 +11,7 @@ rows are dropped from the batch. Here instead:
 
 - the cache is a transformers `StaticCache` of `L` slots per row, allocated once, written
   in place (`index_copy_` at the cache's own counter), its tensors marked as static
-  addresses;
+  addresses; the compiled loop keeps it for the next rollout of the same shape;
 - the batch never shrinks: a finished row keeps decoding, and what it produces after its
   EOS is ignored (`lengths` stop counting it);
 - the attention mask is one [B, L] tensor for the whole rollout (the prompt's padding,
@@ -71,13 +71,16 @@ def left_pad_to(input_ids: Tensor, attention_mask: Tensor, width: int, pad_token
     return torch.cat([pad_ids, input_ids], dim=1), torch.cat([attention_mask.new_zeros(pad_ids.shape), attention_mask], dim=1)
 
 
-def static_cache_for(model, batch: int, slots: int):
-    """The decode cache for [batch, slots], kept on the model and reused by later rollouts
-    of the same shape: a CUDA graph replays on fixed addresses, so a new cache per rollout
-    would mean recording the graphs again. One shape is kept (bucketing makes repeats the
-    rule); it is freed with the model (the fast copy's `release()`)."""
+def static_cache_for(model, batch: int, slots: int, keep: bool):
+    """The decode cache for [batch, slots]. With `keep` (the compiled step) it is kept on
+    the model and reused by later rollouts of the same shape: a CUDA graph replays on
+    fixed addresses, so a new cache per rollout would mean recording the graphs again. One
+    shape is kept (bucketing makes repeats the rule); it is freed with the model (the fast
+    copy's `release()`). Without `keep`, a new cache that lives for this rollout only."""
     from transformers import StaticCache
 
+    if not keep:
+        return StaticCache(config=model.config, max_cache_len=slots)
     store = model.__dict__.setdefault("_grpo_static_cache", {})  # a plain attribute, not a submodule
     if (batch, slots) not in store:
         store.clear()
@@ -141,7 +144,7 @@ def static_decode_loop(
     # Prefill, eager, one row per distinct prompt; then G copies into the static cache.
     prefill_cache = DynamicCache(config=model.config)
     logits, mask, next_pos = prefill(model, input_ids, attention_mask, prefill_cache)
-    cache = static_cache_for(model, B, slots)
+    cache = static_cache_for(model, B, slots, keep=compiled)
     fill_static_cache(cache, prefill_cache, group_size)
     del prefill_cache
     if group_size > 1:

@@ -142,23 +142,33 @@ def test_checking_for_stops_every_few_tokens_changes_nothing(batch):
         assert torch.equal(every5[0][row, :n], every[0][row, :n])
 
 
-def test_cache_is_reused_and_stale_slots_are_hidden(tok):
-    """A second rollout of the same bucketed shape writes into the same cache tensors (the
-    addresses a CUDA graph replays on), and the first rollout's values left in the slots
-    past the new prompt do not leak into it."""
+def test_compiled_loop_reuses_its_cache_and_hides_stale_slots(tok):
+    """The compiled loop's second rollout of the same bucketed shape writes into the same
+    cache tensors (the addresses a CUDA graph replays on), and the first rollout's values
+    left in the slots past the new prompt do not leak into it. The static loop (not
+    compiled) keeps no cache on the model: it would hold memory through the update."""
     model = tiny_model()
     long_ids, long_mask, _ = encode_prompts(tok, [chat_prompt(tok, "a long prompt with many words in it")] * 2, None)
     short_ids, short_mask, _ = encode_prompts(tok, [chat_prompt(tok, "hi"), chat_prompt(tok, "yo")], None)
     assert round_up(long_ids.shape[1], 64) == round_up(short_ids.shape[1], 64)  # one bucket
-    run(model, long_ids, long_mask, "static", eos_token_ids=[], bucket=64)
-    store = model.__dict__["_grpo_static_cache"]
-    (cache,) = store.values()
+    kw = dict(max_new_tokens=24, eos_token_ids=[], bucket=64, select=lambda logits, rows: logits.argmax(-1))
+
+    def compiled(m, ids, mask):
+        with torch.no_grad():
+            return static_decode_loop(m, ids, mask, compiled=True, backend="eager", **kw)[0]
+
+    with torch.no_grad():
+        static_decode_loop(model, long_ids, long_mask, **kw)
+    assert "_grpo_static_cache" not in model.__dict__
+    compiled(model, long_ids, long_mask)
+    (cache,) = model.__dict__["_grpo_static_cache"].values()
     pointers = [layer.keys.data_ptr() for layer in cache.layers]
-    got = run(model, short_ids, short_mask, "static", eos_token_ids=[], bucket=64)
-    assert [layer.keys.data_ptr() for layer in store[next(iter(store))].layers] == pointers
-    fresh = run(tiny_model(), short_ids, short_mask, "static", eos_token_ids=[], bucket=64)
-    assert_same(got, fresh)
-    assert_same(got, run(model, short_ids, short_mask, "dynamic", eos_token_ids=[]))
+    got = compiled(model, short_ids, short_mask)
+    (again,) = model.__dict__["_grpo_static_cache"].values()
+    assert again is cache and [layer.keys.data_ptr() for layer in cache.layers] == pointers
+    assert torch.equal(got, compiled(tiny_model(), short_ids, short_mask))  # a fresh cache
+    dynamic = run(model, short_ids, short_mask, "dynamic", eos_token_ids=[])[0]
+    assert torch.equal(got, dynamic)
 
 
 def test_peft_4bit_model_static_equals_dynamic(batch, tmp_path):
