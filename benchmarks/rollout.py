@@ -161,7 +161,7 @@ def run_precision(args, precision: str, device: torch.device) -> list[dict]:
     first_s = {}  # seconds of each method's first call (compiles, for ours_fast_compiled)
     for rep in range(1 - args.warmup, args.repeats + 1):  # round 0 = warm-up
         for m in args.methods:
-            if OURS.get(m, (False,))[0]:
+            if m in OURS and OURS[m][0]:  # sampled from the fast copy: merge the LoRA first
                 fast_refresh()
             sync()
             t0 = time.perf_counter()
@@ -177,15 +177,13 @@ def run_precision(args, precision: str, device: torch.device) -> list[dict]:
                 times[m].append(dt)
             print(f"  {precision} {m} round {rep}: {dt:.2f} s ({B * N / dt:.0f} tok/s)", flush=True)
     ref = statistics.median(times[args.reference]) if args.reference in times else None
+    notes = {"ours_fast": f"build {build_s:.2f} s once; refresh {statistics.median(refresh_s) * 1e3:.0f} ms/step",
+             "ours_fast_compiled": f"first call (compiles) {first_s.get('ours_fast_compiled', 0):.1f} s"}
     rows = []
     for m in args.methods:
         s = statistics.median(times[m])
         rows.append({"precision": precision, "method": m, "median_s": s, "tok_s": B * N / s,
-                     "vs_ref": (ref / s) if ref else None, "runs": len(times[m]),
-                     "note": "; ".join(
-                         ([f"build {build_s:.2f} s once; refresh {statistics.median(refresh_s) * 1e3:.0f} ms/step"]
-                          if m == "ours_fast" else [])
-                         + ([f"first call (compiles) {first_s[m]:.1f} s"] if m == "ours_fast_compiled" else []))})
+                     "vs_ref": (ref / s) if ref else None, "runs": len(times[m]), "note": notes.get(m, "")})
     return rows
 
 

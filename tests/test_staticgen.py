@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from grpo import staticgen
-from grpo.rollout import encode_prompts, generate_rollout, sample
+from grpo.fastgen import FastPolicy
+from grpo.rollout import _is_plain, encode_prompts, generate_rollout, sample
 from grpo.staticgen import fill_static_cache, left_pad_to, resolve_decode, round_up, static_decode_loop
 from grpo.testing import chat_prompt, tiny_gpt2, tiny_model, tiny_tokenizer
 
@@ -35,6 +36,11 @@ def stop_tokens(model, ids, mask, n=24):
     never_last = [int(t) for t in out[0, 2:] if int(t) not in out[-1].tolist()]
     assert never_last, "the fixture's rows emit the same tokens; pick other prompts"
     return never_last[:1]
+
+
+def greedy(logits, rows):
+    """The `select` of a greedy loop, for calling `static_decode_loop` directly."""
+    return logits.argmax(-1)
 
 
 def run(model, ids, mask, decode, **kw):
@@ -132,7 +138,7 @@ def test_checking_for_stops_every_few_tokens_changes_nothing(batch):
     ids, mask = batch
     out, _, _ = sample(model, ids, mask, max_new_tokens=24, eos_token_ids=[], pad_token_id=PAD, temperature=0)
     eos = sorted({int(out[r, 3 + 2 * r]) for r in range(3)})  # every row stops early, at different steps
-    kw = dict(max_new_tokens=24, eos_token_ids=eos, bucket=16, select=lambda logits, rows: logits.argmax(-1))
+    kw = dict(max_new_tokens=24, eos_token_ids=eos, bucket=16, select=greedy)
     with torch.no_grad():
         every, every5 = (static_decode_loop(model, ids, mask, sync_every=k, **kw) for k in (1, 5))
     lengths = every[1]
@@ -151,7 +157,7 @@ def test_compiled_loop_reuses_its_cache_and_hides_stale_slots(tok):
     long_ids, long_mask, _ = encode_prompts(tok, [chat_prompt(tok, "a long prompt with many words in it")] * 2, None)
     short_ids, short_mask, _ = encode_prompts(tok, [chat_prompt(tok, "hi"), chat_prompt(tok, "yo")], None)
     assert round_up(long_ids.shape[1], 64) == round_up(short_ids.shape[1], 64)  # one bucket
-    kw = dict(max_new_tokens=24, eos_token_ids=[], bucket=64, select=lambda logits, rows: logits.argmax(-1))
+    kw = dict(max_new_tokens=24, eos_token_ids=[], bucket=64, select=greedy)
 
     def compiled(m, ids, mask):
         with torch.no_grad():
@@ -181,9 +187,6 @@ def test_peft_4bit_model_static_equals_dynamic(batch, tmp_path):
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
     base = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant, device_map="cpu")
     lora = peft.get_peft_model(base, peft.LoraConfig(target_modules=["q_proj", "v_proj"], r=4, init_lora_weights=False))
-    from grpo.fastgen import FastPolicy
-    from grpo.rollout import _is_plain
-
     assert not _is_plain(base) and not _is_plain(lora) and _is_plain(FastPolicy(lora).model)  # what "auto" reads
     ids, mask = batch
     eos = stop_tokens(lora, ids, mask, n=12)
@@ -216,8 +219,7 @@ def test_compiled_step_is_one_graph_per_bucket_and_exact(tok):
         ids = torch.randint(3, 100, (2, width), generator=torch.Generator().manual_seed(seed))
         mask = torch.ones_like(ids)
         mask[0, :3] = 0
-        kw = dict(max_new_tokens=6, eos_token_ids=[], group_size=2,
-                  select=lambda logits, rows: logits.argmax(-1))
+        kw = dict(max_new_tokens=6, eos_token_ids=[], group_size=2, select=greedy)
         with torch.no_grad():
             compiled = static_decode_loop(model, ids, mask, bucket=16, compiled=True, backend=backend, **kw)
             eager = static_decode_loop(model, ids, mask, bucket=16, **kw)
@@ -235,7 +237,6 @@ def test_compiled_fast_copy_follows_refresh(tok):
     `refresh()` rewrites in place after an update: the compiled graph must see the new
     weights, not constants captured at compile time."""
     peft = pytest.importorskip("peft")
-    from grpo.fastgen import FastPolicy
 
     lora = peft.get_peft_model(tiny_model(), peft.LoraConfig(target_modules=["q_proj", "v_proj"], r=4))
     fast = FastPolicy(lora)
