@@ -53,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decode", default=None, choices=["auto", "dynamic", "static", "compiled"],
                    help="decode loop (grpo.staticgen). Default: auto for evaluation (compiled or static on "
                         "CUDA, dynamic on CPU); dynamic for --question/--interactive (no compile wait)")
+    p.add_argument("--cpu_dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="precision on CPU: auto = bfloat16 autocast where the CPU has fast bf16 matmuls "
+                        "(AVX512-BF16 or AMX), else float32 (grpo/precision.py); ignored on CUDA")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--interactive", action="store_true",
@@ -147,7 +150,9 @@ def run_evaluation(args, model, tokenizer, rows, k_list: list[int], adapter: str
         "model": args.model, "adapter": adapter, "dataset": args.dataset, "split": args.split,
         "limit": args.limit, "format": args.format, "temperature": temperature, "top_p": args.top_p,
         "max_new_tokens": args.max_new_tokens, "max_prompt_length": args.max_prompt_length,
-        "batch_size": args.batch_size, "seed": args.seed, "decode": args.decode or "auto", "wall_seconds": round(time.time() - start, 1),
+        "batch_size": args.batch_size, "seed": args.seed, "decode": args.decode or "auto",
+        "cpu_dtype": args.cpu_dtype, "precision": getattr(args, "precision", None),
+        "wall_seconds": round(time.time() - start, 1),
     }
     out = Path(args.output or default_output(args))
     samples_path, summary_path = write_results(out, summary, records, meta)
@@ -240,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     from data import DataError
     from grpo.checkpoint import CheckpointError
     from grpo.model import ModelLoadError
+    from grpo.precision import autocast, resolve_cpu_dtype
 
     args = parse_args(argv)
     try:
@@ -255,12 +261,17 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--limit {args.limit}: must be >= 1")
             rows = load_gsm8k(args.dataset, args.split, limit=args.limit)
         model, tokenizer = load_model(args.model, adapter, trust_remote_code=args.trust_remote_code)
-        if args.question is not None:
-            run_interactive(args, model, tokenizer, [args.question])
-        elif args.interactive:
-            run_interactive(args, model, tokenizer, stdin_questions())
-        else:
-            run_evaluation(args, model, tokenizer, rows, k_list, adapter)
+        dtype, why = resolve_cpu_dtype(args.cpu_dtype, next(model.parameters()).device)
+        if dtype is not None:
+            args.precision = str(dtype).removeprefix("torch.")  # recorded in summary.json
+            print(f"precision: {args.precision} on CPU ({why})", file=sys.stderr)
+        with autocast(dtype):
+            if args.question is not None:
+                run_interactive(args, model, tokenizer, [args.question])
+            elif args.interactive:
+                run_interactive(args, model, tokenizer, stdin_questions())
+            else:
+                run_evaluation(args, model, tokenizer, rows, k_list, adapter)
     except (ModelLoadError, CheckpointError, DataError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

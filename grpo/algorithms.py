@@ -15,6 +15,13 @@
 Config defaults (scaling, aggregation, clip range, kl_in_reward, dynamic sampling, overlong
 shaping) live in `config.ALGORITHM_DEFAULTS` only; this module holds the structure.
 
+With `kl_in_reward`, the outcome algorithms (grpo, dr_grpo, dapo, rloo, gspo) subtract
+beta * sum_t k1_t from each completion's reward before the advantage (RLOO's sequence-level
+KL reward); reinforce_pp and ppo put -beta * k1_t into the per-token rewards. Either way the
+loss then has no KL term. RLOO's loss sums each sequence's token losses (its estimator weighs
+the sequence's summed log-prob), divided by the constant max_completion_length: the dr_grpo
+aggregation, the paper's estimator up to a fixed learning-rate scale.
+
 Every advantage function has one signature, `fn(inputs: AdvantageInputs, cfg) ->
 (adv [B] or [B, T], returns [B, T] or None)`; the policy losses accept either shape.
 Pure functions of tensors and config values (no trainer, no model).
@@ -66,12 +73,25 @@ def reward_kl(inputs: AdvantageInputs, beta: float) -> Tensor:
     return kl_k1(inputs.old_logp, inputs.ref_logp)
 
 
+def sequence_kl_rewards(inputs: AdvantageInputs, beta: float) -> Tensor:
+    """[B] rewards r - beta * sum_t k1_t over each completion's real tokens: the KL penalty
+    in the sequence-level reward, as RLOO defines it (Ahmadian et al. 2024, the reward
+    r(x, y) - beta * log(pi(y|x) / pi_ref(y|x))); the rewards unchanged when beta == 0."""
+    if beta == 0:
+        return inputs.rewards
+    kl = reward_kl(inputs, beta) * inputs.mask  # [B, T]
+    return inputs.rewards - beta * kl.sum(-1).to(inputs.rewards.dtype)
+
+
 def outcome_advantage(name: str) -> Callable[[AdvantageInputs, object], AdvantageResult]:
-    """The outcome-level `advantages.ADVANTAGES[name]`: one advantage per completion, [B]."""
+    """The outcome-level `advantages.ADVANTAGES[name]`: one advantage per completion, [B].
+    With `kl_in_reward`, the KL penalty is taken from each sequence's reward first
+    (`sequence_kl_rewards`), and the loss then has no KL term."""
     fn = ADVANTAGES[name]
 
     def advantage(inputs: AdvantageInputs, cfg) -> AdvantageResult:
-        return fn(inputs.rewards, cfg.num_generations, cfg.scale_rewards, cfg.adv_eps), None
+        rewards = sequence_kl_rewards(inputs, cfg.beta) if cfg.kl_in_reward else inputs.rewards
+        return fn(rewards, cfg.num_generations, cfg.scale_rewards, cfg.adv_eps), None
 
     advantage.__name__ = f"{name}_advantage"
     return advantage

@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import math
 import textwrap
 import types
 import typing
@@ -30,6 +31,7 @@ SCALE_REWARDS = ("group", "batch", "none")
 MODES = ("grpo", "sft", "both")
 SCHEDULERS = ("cosine", "linear", "constant")
 REPORT_TO = ("none", "wandb", "tensorboard")
+SAMPLER_CORRECTIONS = ("tis", "none")
 
 
 class ConfigError(ValueError):
@@ -55,6 +57,8 @@ class GRPOConfig:
     """Tokenizer id or dir; default: the model's own."""
     load_in_4bit: Optional[bool] = None
     """Quantize the base to 4-bit NF4 with bitsandbytes. Default (None): on for CUDA, off on CPU (see RESULTS.md)."""
+    cpu_dtype: str = "auto"
+    """Compute precision on CPU: auto (bfloat16 where the CPU has fast bf16 matmuls, AVX512-BF16 or AMX, else float32) | float32 | bfloat16. bfloat16 puts the sampling copy in bf16 and the learner's decoder under bf16 autocast; LoRA weights, optimizer, log-probs and loss stay float32 (grpo/precision.py). Ignored on CUDA, which uses bf16 where the GPU supports it."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory (works on a 4-bit base with PEFT)."""
     trust_remote_code: bool = False
@@ -163,6 +167,12 @@ class GRPOConfig:
     """PPO: the new values may move at most this far from the rollout's values in the clipped value loss."""
     critic_learning_rate: Optional[float] = None
     """PPO: peak learning rate of the critic (value adapter and head). Default: learning_rate."""
+    use_bias_correction_kl: bool = False
+    """Weight the per-token k3 KL by the importance ratio pi / pi_old (DeepSeek-V3.2; TRL's `use_bias_correction_kl`), which makes it unbiased when the samples come from pi_old. Off: plain k3, as in DeepSeekMath."""
+    sampler_correction: Optional[str] = None
+    """Correct for the sampler not being the learner: `tis` (token-level truncated importance sampling, Yao et al. 2025: each token's policy loss times min(pi_old / pi_sampler, sampler_correction_cap)) or `none`. Default: tis when sampling from the fast copy (fast_rollout), none when the PEFT model samples itself. The mismatch/* metrics are logged either way."""
+    sampler_correction_cap: float = 2.0
+    """C of truncated importance sampling: the largest weight a token's policy loss gets."""
     logprob_method: str = "auto"
     """Log-prob kernel from grpo.logprobs.METHODS (auto = fused; triton is opt-in until measured on a GPU)."""
 
@@ -231,6 +241,8 @@ class GRPOConfig:
                 setattr(self, key, algo_defaults.get(key, _OFF[key]))
         if self.overlong_buffer is None:
             self.overlong_buffer = self.max_completion_length // 5
+        if self.sampler_correction is None:  # a separate sampling copy is another numerical program
+            self.sampler_correction = "tis" if self.fast_rollout else "none"
         if self.critic_learning_rate is None:
             self.critic_learning_rate = self.learning_rate
         if isinstance(self.lora_target_modules, str):
@@ -265,6 +277,7 @@ class GRPOConfig:
         """Fail early, with the fix in the message."""
         from data.formats import FORMATS
         from grpo.logprobs import METHODS
+        from grpo.precision import CPU_DTYPES
         from grpo.staticgen import DECODE_MODES
 
         checks = [
@@ -292,6 +305,15 @@ class GRPOConfig:
             (self.scale_rewards in ALLOWED_SCALES.get(self.algorithm, SCALE_REWARDS),
              f"scale_rewards={self.scale_rewards!r} does not fit algorithm={self.algorithm}: choose one of "
              f"{', '.join(ALLOWED_SCALES.get(self.algorithm, SCALE_REWARDS))}."),
+            (self.cpu_dtype in CPU_DTYPES, f"cpu_dtype={self.cpu_dtype!r}: choose one of {', '.join(CPU_DTYPES)}."),
+            (self.sampler_correction in SAMPLER_CORRECTIONS,
+             f"sampler_correction={self.sampler_correction!r}: choose one of {', '.join(SAMPLER_CORRECTIONS)}."),
+            (self.sampler_correction_cap > 0 and math.isfinite(self.sampler_correction_cap),
+             f"sampler_correction_cap={self.sampler_correction_cap} must be a finite number > 0 (e.g. 2.0)."),
+            (not self.use_bias_correction_kl or (self.beta > 0 and not self.kl_in_reward),
+             f"use_bias_correction_kl=true weights the KL term of the loss, but this run has "
+             f"beta={self.beta} and kl_in_reward={self.kl_in_reward}: it needs beta > 0 and kl_in_reward false "
+             "(or leave use_bias_correction_kl false)."),
             (self.max_resample_rounds >= 0, f"max_resample_rounds={self.max_resample_rounds} must be >= 0."),
             (self.overlong_penalty >= 0, f"overlong_penalty={self.overlong_penalty} must be >= 0 (a magnitude; 0 = off)."),
             (0 <= self.overlong_buffer <= self.max_completion_length,
@@ -381,8 +403,11 @@ ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
     # Dynamic sampling (Sec. 3.2) and soft overlong punishment (Sec. 3.4) on by default.
     "dapo": {"scale_rewards": "group", "loss_type": "dapo", "epsilon_high": 0.28,
              "dynamic_sampling": True, "overlong_penalty": 1.0},
-    # RLOO (Ahmadian et al. 2024): leave-one-out baseline, no std scaling.
-    "rloo": {"scale_rewards": "none", "loss_type": "grpo"},
+    # RLOO (Ahmadian et al. 2024): leave-one-out baseline, no std scaling; the estimator weighs
+    # each sequence's summed log-prob, so its tokens' losses are summed, divided by the
+    # constant max_completion_length (dr_grpo's normalizer: a fixed learning-rate scale), not
+    # averaged per sequence.
+    "rloo": {"scale_rewards": "none", "loss_type": "dr_grpo"},
     # GSPO (Zheng et al. 2025): sequence-level ratio; the paper uses tiny clip ranges.
     "gspo": {"scale_rewards": "group", "loss_type": "grpo"},
     # REINFORCE++ (Hu 2025): batch-normalized advantages, token-level loss, KL in the reward.
@@ -499,7 +524,7 @@ def _coerce(key: str, value: Any, tp: Any, source: str) -> Any:
 
 
 # Optional fields for which the string "none" is one of the values, not "unset" (use null).
-NONE_IS_A_VALUE = ("scale_rewards",)
+NONE_IS_A_VALUE = ("scale_rewards", "sampler_correction")
 # What to write for a field of each type, for the error message of a value that is not it.
 _EXAMPLES = {bool: ("true or false", "true"), int: ("a whole number", "8"), float: ("a number", "0.5"),
              list: ("comma-separated values", "a,b"), str: ("a string", "text")}

@@ -91,7 +91,8 @@ class Critic:
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          use_cache=False).last_hidden_state  # [B, Tp+T, H]
         hidden = hidden[:, prompt_ids.shape[1] - 1 : -1]  # [B, T, H]: the states before each token
-        values = self.head(hidden.float()).squeeze(-1)  # [B, T]
+        with torch.autocast(hidden.device.type, enabled=False):  # the head in float32 even under autocast
+            values = self.head(hidden.float()).squeeze(-1)  # [B, T]
         return values * completion_mask.to(values.dtype)
 
     # ------------------------------------------------------------------ checkpoints

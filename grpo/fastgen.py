@@ -41,8 +41,8 @@ class FastPolicyError(ValueError):
 
 
 def default_fast_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 on a CUDA device that supports it, else float32 (CPU has no fast bf16 matmul
-    in every build, and float32 keeps the CPU copy exact)."""
+    """bfloat16 on a CUDA device that supports it, else float32. On CPU the trainer passes the
+    dtype `grpo.precision` chose (bfloat16 where the CPU has fast bf16 matmuls)."""
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
@@ -204,9 +204,8 @@ class FastPolicy:
                     state[f"{name}.bias"] = self._shared_or_copy(base_layer.bias, converted)
                 continue
             for pname in own:
-                tensor = dense_weight(getattr(src, pname))
                 key = f"{name}.{pname}"
-                state[key] = self._shared_or_copy(tensor, converted)
+                state[key] = self._shared_or_copy(getattr(src, pname), converted)
                 if trainable:
                     trainable_sources[key] = getattr(src, pname)
         fast.load_state_dict(state, strict=False, assign=True)
@@ -239,11 +238,15 @@ class FastPolicy:
         fast.eval()
         return fast
 
-    def _shared_or_copy(self, tensor: Tensor, converted: dict[int, Tensor]) -> Tensor:
-        """The tensor itself when its dtype and device already fit (no memory), else one copy."""
+    def _shared_or_copy(self, param: Tensor, converted: dict[int, Tensor]) -> Tensor:
+        """The dense values of a base parameter: the tensor itself when its dtype and device
+        already fit (no memory), else one copy per parameter. Keyed by the id of the
+        parameter, which lives as long as the base: tied weights get one copy, and no two
+        parameters share a key (the id of a temporary, such as `param.detach()`, is reused
+        once it is freed)."""
+        tensor = dense_weight(param)
         if tensor.dtype == self.dtype and tensor.device == self.device:
-            return tensor.detach()
-        key = id(tensor)
-        if key not in converted:
-            converted[key] = tensor.detach().to(self.device, self.dtype)
-        return converted[key]
+            return tensor
+        if id(param) not in converted:
+            converted[id(param)] = tensor.to(self.device, self.dtype)
+        return converted[id(param)]

@@ -265,7 +265,8 @@ def aggregate(
         per_token: [b, T] per-token loss of this micro-batch.
         mask: [b, T] completion mask.
         mode: one of `AGGREGATIONS`.
-        num_sequences: sequences in the whole batch (sum of b over micro-batches).
+        num_sequences: sequences in the whole batch (sum of b over micro-batches), also the
+            rows masked out of the loss (GRPO's 1/G and Dr.GRPO's constant count every output).
         num_tokens: real tokens in the whole batch (sum of mask over micro-batches).
         max_completion_length: the generation budget T_max (dr_grpo only).
 
@@ -293,6 +294,108 @@ def aggregate(
     if mode in ("bnpo", "dapo"):
         return masked.sum() / num_tokens
     return masked.sum() / (num_sequences * max_completion_length)  # dr_grpo
+
+
+# ------------------------------------------------------------------------ sampler correction
+
+
+def truncated_is_weights(old_logp: Tensor, sampler_logp: Tensor, cap: float) -> Tensor:
+    """Token-level truncated importance sampling (Yao et al. 2025, "Your Efficient RL
+    Framework Secretly Brings You Off-Policy RL Training"): w_t = min(pi_old(y_t) /
+    pi_sampler(y_t), C), detached. The rollout was drawn from the sampler (a merged copy,
+    maybe in another precision), not from the learner pi_old whose ratio the surrogate
+    uses; w corrects the policy gradient for that, and the cap C bounds its variance.
+
+    Args:
+        old_logp: [B, T] learner log-probs of the sampled tokens at rollout time.
+        sampler_logp: [B, T] the sampler's log-probs of the same tokens.
+        cap: C > 0.
+
+    Returns:
+        [B, T] weights in (0, C], no gradient.
+
+    Example (C = 2): old - sampler = [0, log 1.5, log 3] -> ratios [1, 1.5, 3] -> [1, 1.5, 2].
+    """
+    return torch.exp(old_logp.detach() - sampler_logp).clamp(max=cap)
+
+
+def mismatch_sums(old_logp: Tensor, sampler_logp: Tensor, mask: Tensor, cap: float) -> dict[str, float]:
+    """Sampler / learner mismatch over the real tokens of a batch, as sums (so micro-batches
+    and ranks add up): k3 of the sampler against the learner (KL(sampler || learner), the
+    samples being the sampler's: log r = old - sampler, k3 = e^log r - log r - 1), |old -
+    sampler|, the number of tokens whose ratio pi_old / pi_sampler exceeds `cap` (their TIS
+    weight is truncated), the token count, and the largest ratio (a max, not a sum); in
+    float64, since the differences of a float32 sampler are at rounding level.
+
+    old_logp, sampler_logp, mask: [B, T]."""
+    real = mask.bool()
+    log_r = (old_logp.detach().double() - sampler_logp.double()).masked_fill(~real, 0.0)  # [B, T]
+    ratio = torch.exp(log_r)
+    return {
+        "kl": float((torch.expm1(log_r) - log_r).sum()),  # expm1: no cancellation near r = 1, so >= 0
+        "abs_diff": float(log_r.abs().sum()),
+        "truncated": float(((ratio > cap) & real).sum()),
+        "tokens": float(real.sum()),
+        "ratio_max": float(ratio[real].max()) if bool(real.any()) else 1.0,
+    }
+
+
+# ------------------------------------------------------------------------ the objective
+
+
+def objective(
+    logp: Tensor,
+    old_logp: Tensor,
+    adv: Tensor,
+    mask: Tensor,
+    *,
+    policy_loss: str,
+    aggregation: str,
+    norms: dict[str, int],
+    eps_low: float,
+    eps_high: float,
+    ref_logp: Tensor | None = None,
+    beta: float = 0.0,
+    kl_in_loss: bool = True,
+    bias_corrected_kl: bool = False,
+    is_weights: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The loss of one micro-batch: policy surrogate (times the sampler-correction weights)
+    + beta * KL, aggregated with the whole batch's normalizers, so that the micro-batch
+    losses of one optimizer step sum to the big-batch loss.
+
+    loss_t = w_t * surrogate_t + beta * kl_t, kl_t = k3(logp_t, ref_t), or with
+    `bias_corrected_kl` (DeepSeek-V3.2, arXiv:2512.02556; TRL `use_bias_correction_kl`)
+    r_t * k3, r_t = exp(logp_t - old_logp_t), which makes k3
+    unbiased for KL(pi || ref) when the samples come from pi_old (r_t keeps its gradient, as
+    in TRL). The weights w_t apply to the surrogate only, as in Yao et al. 2025 and verl (the
+    paper corrects the policy gradient; PPO's value loss is not weighted).
+
+    Args:
+        logp: [b, T] current log-probs (with grad). old_logp: [b, T] at rollout (no grad).
+        adv: [b] or [b, T]. mask: [b, T] tokens in the loss.
+        policy_loss: key of POLICY_LOSSES. aggregation: an `aggregate` mode.
+        norms: num_sequences, num_tokens, max_completion_length of the whole batch.
+        ref_logp: [b, T] reference log-probs, or None (no KL term: beta == 0).
+        kl_in_loss: False when the KL is already in the rewards (`kl_in_reward`): then the
+            KL is only measured.
+        is_weights: [b, T] detached sampler-correction weights (`truncated_is_weights`), or None.
+
+    Returns:
+        (scalar loss, stats): the policy loss's stats, and "kl_sum" (sum of the KL over the
+        mask) when ref_logp is given.
+    """
+    per_token, stats = POLICY_LOSSES[policy_loss](logp, old_logp, adv, mask, eps_low, eps_high)
+    if is_weights is not None:
+        per_token = per_token * is_weights
+    if ref_logp is not None:
+        kl = kl_k3(logp, ref_logp)  # [b, T]
+        if bias_corrected_kl:
+            kl = torch.exp(logp - old_logp) * kl
+        if kl_in_loss:
+            per_token = per_token + beta * kl
+        stats["kl_sum"] = (kl.detach() * mask).sum()
+    return aggregate(per_token, mask, aggregation, **norms), stats
 
 
 # ------------------------------------------------------------------------ value loss

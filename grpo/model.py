@@ -6,6 +6,11 @@ One base model lives in memory. The trainable policy is the PEFT adapter named `
 reference is, per DESIGN.md, either the base itself (adapters disabled) when training starts
 from the base, or a frozen copy of the starting adapter, named `reference`, when it starts
 from one (an SFT adapter).
+
+A 4-bit base computes one way on every machine: each bitsandbytes `Linear4bit` dequantizes its
+weight to the compute dtype (float32 on CPU) and multiplies, in training and in evaluation. On a
+CPU with AVX512-BF16, bitsandbytes would otherwise switch a layer for good to a bfloat16 kernel
+without gradients at its first no-grad eval forward (see `disable_cpu_4bit_packing`).
 """
 
 from __future__ import annotations
@@ -148,9 +153,50 @@ def load_base_model(
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as err:
         raise ModelLoadError(_not_loadable("model", name, err)) from err
-    if not load_in_4bit:
+    if load_in_4bit:
+        disable_cpu_4bit_packing(model)
+    else:
         model.to(device)
     return model
+
+
+def disable_cpu_4bit_packing(model) -> None:
+    """Make every bitsandbytes `Linear4bit` of `model` dequantize its weight to the compute
+    dtype and multiply, in every mode and on every CPU; refuse a model already packed.
+
+    bitsandbytes 0.50 picks the CPU path per machine. `Linear4bit.__init__` records
+    `support_avx512bf16_for_cpu = has_avx512bf16()` (bitsandbytes/nn/modules.py:573); where
+    that is true, the first forward in eval mode of an input that needs no grad (evaluation,
+    a no-grad rollout through the PEFT model) rewrites the weight for good into a layout
+    packed for a bfloat16 CPU kernel, with bfloat16 block scales (modules.py:613-621,
+    functional.py:1676 `_convert_weight_packed_for_cpu`). From then on every forward, in
+    training too, runs that kernel, `gemv_4bit` (autograd/_functions.py:422), which has no
+    autograd formula: on a tiny Qwen3 the logits moved by ~1e-2 relative and the LoRA gradients
+    were wrong by as much as their own size; `dequantize_4bit` (FastPolicy's copy) misreads
+    the packed layout as well. Switching the choice off runs the path of a CPU without
+    AVX512-BF16 everywhere, the one the gradients are right on.
+
+    A layer already packed cannot be restored: bitsandbytes' inverse
+    (`_convert_weight_packed_for_cpu_inverse`, functional.py:1730) keeps the block scales
+    rounded to bfloat16 and, without double quantization, leaves them transposed, so the
+    weights it gives back are not the model's (tests/test_bnb_cpu_paths.py).
+    """
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:  # without bitsandbytes there is no 4-bit layer
+        return
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    packed = [m for m in layers if getattr(m.weight.quant_state, "packing_format_for_cpu", False)]
+    if packed:
+        raise ModelLoadError(
+            f"{len(packed)} of the model's {len(layers)} 4-bit layers were packed for bitsandbytes' bfloat16 "
+            "CPU kernel, which bitsandbytes does on a CPU with AVX512-BF16 at a layer's first forward in eval "
+            "mode without grad. That kernel has no gradients, and bitsandbytes cannot unpack the weights "
+            "exactly. Load the model again and pass it to grpo.Trainer (or grpo.model.attach_adapters) "
+            "before running it in eval mode: from then on it stays on the dequantizing path."
+        )
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
 
 
 def _checked_path(name: str) -> str:
@@ -199,10 +245,12 @@ def attach_adapters(base, cfg, adapter_path: str | None = None):
 
     From scratch: a fresh LoRA (B = 0, so the policy equals the base at step 0).
     From `adapter_path`: the policy starts as a trainable copy of that adapter and a frozen
-    copy named `reference` is kept for the KL term.
+    copy named `reference` is kept for the KL term. A 4-bit `base` built by the caller gets the
+    one compute path of `load_base_model` (`disable_cpu_4bit_packing`).
     """
     from peft import PeftModel, get_peft_model
 
+    disable_cpu_4bit_packing(base)
     if adapter_path is None:
         model = get_peft_model(base, lora_config(cfg))
     else:
@@ -317,6 +365,8 @@ def completion_logprobs(
     prompt_ids, prompt_mask: [B, Tp] left-padded; completion_ids, completion_mask: [B, T].
     Returns logp [B, T] float32 (0 where mask is 0), and entropy [B, T] if asked.
     The hidden states that predict completion token t sit at position Tp - 1 + t.
+    Under `torch.autocast` (bf16 on CPU, `grpo.precision`) only the decoder is autocast: the
+    output layer's matmul and log-softmax take its bf16 hidden states in float32.
     """
     decoder, weight = decoder_and_head(model)
     input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [B, Tp+T]
@@ -330,10 +380,11 @@ def completion_logprobs(
     keep = completion_mask.bool()  # [B, T]
     if method == "auto":
         method = default_method(hidden.device)
-    out = token_logprobs(
-        hidden[keep], weight, completion_ids[keep], method=method, temperature=temperature,
-        return_entropy=return_entropy,
-    )  # [N] for the N real completion tokens
+    with torch.autocast(hidden.device.type, enabled=False):  # the output layer in float32 even under autocast
+        out = token_logprobs(
+            hidden[keep], weight, completion_ids[keep], method=method, temperature=temperature,
+            return_entropy=return_entropy,
+        )  # [N] for the N real completion tokens
     logp_flat, entropy_flat = out if return_entropy else (out, None)
     logp = torch.zeros(completion_ids.shape, dtype=torch.float32, device=hidden.device)
     logp = logp.masked_scatter(keep, logp_flat)

@@ -46,6 +46,7 @@ class Rollout:
     completion_texts: list[str]  # B strings, without the stopping EOS, other specials kept
     prompt_indices: Tensor  # [B] long, prompt of each row: i // group_size
     group_size: int  # G
+    sampler_logp: Tensor | None = None  # [B, T] float32, log-prob of each token under the sampler, 0 at padding
 
     @property
     def completion_lengths(self) -> Tensor:
@@ -182,7 +183,7 @@ def inverse_cdf_sample(probs: Tensor, u: Tensor) -> Tensor:
     return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=probs.shape[-1] - 1)
 
 
-def select_next_token(
+def sample_next_token(
     logits: Tensor,
     *,
     temperature: float,
@@ -190,15 +191,30 @@ def select_next_token(
     top_p: float = 1.0,
     u: Tensor | None = None,
     generator: torch.Generator | None = None,
-) -> Tensor:
-    """One token per row: logits [b, V] -> ids [b] long. temperature 0 = greedy (argmax).
-    `u` [b]: the rows' uniforms; drawn from `generator` when not given."""
+) -> tuple[Tensor, Tensor]:
+    """One token per row and its log-probability under the distribution it was drawn from:
+    logits [b, V] -> (ids [b] long, logp [b] float32). temperature 0 = greedy (argmax, logp 0:
+    a point mass). `u` [b]: the rows' uniforms; drawn from `generator` when not given.
+
+    The log-prob is that of the distribution actually sampled: softmax(logits / temperature),
+    then renormalized over the top-k / top-p survivors. Without top-k and top-p it is the
+    learner's tempered log-prob of the same logits; with them it is larger by -log(kept mass),
+    so a learner / sampler ratio also counts the truncation (it is <= 1 on kept tokens)."""
     if temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = next_token_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+        ids = logits.argmax(dim=-1)
+        return ids, torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
+    probs = next_token_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p)  # [b, V]
     if u is None:
         u = torch.rand(probs.shape[0], generator=generator, device=probs.device)
-    return inverse_cdf_sample(probs, u)
+    ids = inverse_cdf_sample(probs, u)
+    # A drawn token has probability > 0 (inverse_cdf_sample never lands on a zero), and float32
+    # keeps the relative precision of small probabilities, so the log is exact to ~1e-7.
+    return ids, probs.gather(-1, ids[:, None]).squeeze(-1).log()
+
+
+def select_next_token(logits: Tensor, **kwargs) -> Tensor:
+    """`sample_next_token` without the log-prob: ids [b] long."""
+    return sample_next_token(logits, **kwargs)[0]
 
 
 class PromptStreams:
@@ -346,7 +362,8 @@ def sample(
     group_size: int = 1,
     decode: str = "dynamic",
     bucket: int = 64,
-) -> tuple[Tensor, Tensor, Tensor]:
+    return_logprobs: bool = False,
+) -> tuple[Tensor, ...]:
     """Sample completions for left-padded prompts with a KV cache.
 
     input_ids, attention_mask: [B, Tp], left-padded (the last column is real in every row).
@@ -365,7 +382,10 @@ def sample(
     Returns (B = number of prompts * group_size) completion_ids [B, T] long (right-padded with `pad_token_id`),
     completion_mask [B, T] long (1 up to and including the EOS), truncated [B] bool
     (stopped by the length limit, not by an EOS; all True with `ignore_eos`), where
-    T = the longest completion produced (<= max_new_tokens).
+    T = the longest completion produced (<= max_new_tokens). With `return_logprobs`, a fourth
+    tensor: sampler_logp [B, T] float32, each token's log-prob under the distribution it was
+    drawn from (`sample_next_token`), 0 at padding; read off the logits the loop computes
+    anyway, so it costs no forward pass.
     """
     _check_sampling_args(max_new_tokens, temperature, top_p, top_k)
     if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
@@ -381,9 +401,15 @@ def sample(
         raise ValueError(f"prompt_seeds has {len(prompt_seeds)} seeds for {input_ids.shape[0]} prompts: give one per prompt")
     streams = PromptStreams(prompt_seeds, group_size, input_ids.device) if prompt_seeds is not None else None
 
+    drawn: list[tuple[Tensor, Tensor]] = []  # per decode step: (rows [b], their tokens' log-probs [b])
+
     def select(logits: Tensor, rows: Tensor) -> Tensor:
         u = streams.uniforms(rows) if streams is not None and temperature > 0 else None
-        return select_next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, u=u, generator=generator)
+        tok, logp = sample_next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                                      u=u, generator=generator)
+        if return_logprobs:
+            drawn.append((rows, logp))
+        return tok
 
     decode = staticgen.resolve_decode(decode, input_ids.device, plain_model=_is_plain(model))
     loop_args = dict(max_new_tokens=max_new_tokens, group_size=group_size, select=select,
@@ -398,7 +424,12 @@ def sample(
     width = int(lengths.max())
     completion_mask = (torch.arange(width, device=lengths.device) < lengths[:, None]).long()
     completion_ids = tokens[:, :width].masked_fill(completion_mask == 0, pad_token_id)
-    return completion_ids, completion_mask, ~stopped
+    if not return_logprobs:
+        return completion_ids, completion_mask, ~stopped
+    sampler_logp = torch.zeros(completion_mask.shape, dtype=torch.float32, device=completion_mask.device)
+    for t, (rows, logp) in enumerate(drawn[:width]):  # both loops call select once per step, in order
+        sampler_logp[rows, t] = logp
+    return completion_ids, completion_mask, ~stopped, sampler_logp * completion_mask
 
 
 def prefill(model, input_ids: Tensor, attention_mask: Tensor, cache) -> tuple[Tensor, Tensor, Tensor]:
@@ -409,7 +440,7 @@ def prefill(model, input_ids: Tensor, attention_mask: Tensor, cache) -> tuple[Te
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # [P, Tp]
     extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                past_key_values=cache, use_cache=True, **extra)
+                cache=cache, use_cache=True, **extra)
     return out.logits[:, -1], mask, position_ids[:, -1:] + 1
 
 
@@ -445,7 +476,7 @@ def _decode_loop(
             cache.batch_select_indices(keep)
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)  # [b, Tp + t + 1]
         out = model(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos,
-                    past_key_values=cache, use_cache=True)
+                    cache=cache, use_cache=True)
         logits = out.logits[:, -1]  # [b, V]
         next_pos = next_pos + 1
     return tokens, lengths, stopped
@@ -517,12 +548,12 @@ def generate_rollout(
     ids, mask = ids.to(device), mask.to(device)
     prompt_ids = ids.repeat_interleave(group_size, dim=0)  # [B, Tp]
     prompt_mask = mask.repeat_interleave(group_size, dim=0)  # [B, Tp]
-    completion_ids, completion_mask, truncated = sample(
+    completion_ids, completion_mask, truncated, sampler_logp = sample(
         model, ids, mask, group_size=group_size,
         max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids,
         pad_token_id=resolve_pad_token_id(tokenizer), temperature=temperature,
         top_p=top_p, top_k=top_k, generator=generator, prompt_seeds=prompt_seeds,
-        decode=decode, bucket=bucket,
+        decode=decode, bucket=bucket, return_logprobs=True,
     )
     return Rollout(
         prompt_ids=prompt_ids,
@@ -533,4 +564,5 @@ def generate_rollout(
         completion_texts=decode_completions(tokenizer, completion_ids, completion_mask, truncated),
         prompt_indices=torch.arange(len(prompt_texts), device=device).repeat_interleave(group_size),
         group_size=group_size,
+        sampler_logp=sampler_logp,
     )

@@ -168,7 +168,7 @@ def static_decode_loop(
         if cudagraphs:  # the previous replay's outputs (logits) are consumed: let it reuse them
             torch.compiler.cudagraph_mark_step_begin()
         out = step(input_ids=tok[:, None], attention_mask=full_mask, position_ids=next_pos,
-                   past_key_values=cache, use_cache=True)
+                   cache=cache, use_cache=True)
         logits = out.logits[:, -1]  # [B, V]
         next_pos = next_pos + 1
     return tokens, lengths, stopped

@@ -10,6 +10,10 @@ Where we depart from the paper, and why:
   against a frozen reference *adapter* on the same base (no second model in memory).
 - With num_iterations == 1 the old log-probs are the current ones detached (ratio = 1,
   the gradient is the plain policy gradient), which saves a forward pass, as TRL does.
+- The sampler (a merged fast copy, maybe in another precision) is not the learner: its
+  log-probs are recorded during the rollout, the gap is logged (`mismatch/*`), and each
+  token's policy loss is weighted by min(pi_old / pi_sampler, C) (token-level truncated
+  importance sampling, Yao et al. 2025; `sampler_correction`).
 - Loss normalizers are those of the whole batch (`grpo.losses.aggregate`), so gradient
   accumulation over micro-batches gives exactly the gradient of one big batch; under
   torchrun the batch is the global one (`grpo.distributed`), so N ranks give the update of
@@ -35,15 +39,16 @@ from grpo import checkpoint as ckpt
 from grpo import distributed, faults
 from grpo.advantages import zero_std_groups
 from grpo.algorithms import ALGORITHMS, AdvantageInputs, fill_batch, informative_groups, shaped_rewards
-from grpo.config import GRPOConfig
+from grpo.config import ConfigError, GRPOConfig
 from grpo.fastgen import FastPolicy
 from grpo.staticgen import resolve_decode
 from grpo.critic import Critic
-from grpo.losses import POLICY_LOSSES, aggregate, kl_k3, value_loss
+from grpo.losses import aggregate, mismatch_sums, objective, truncated_is_weights, value_loss
 from grpo.metrics import MetricsLogger
 from grpo.model import (
     attach_adapters,
     completion_logprobs,
+    disable_cpu_4bit_packing,
     load_base_model,
     load_tokenizer,
     prepare_tokenizer,
@@ -51,6 +56,7 @@ from grpo.model import (
     trainable_parameters,
 )
 from grpo.optim import build_optimizer, build_scheduler
+from grpo.precision import autocast, describe, resolve_cpu_dtype
 from grpo.rollout import Rollout, generate_rollout, resolve_pad_token_id
 from rewards import NonFiniteRewardError
 
@@ -144,7 +150,15 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.state = TrainerState()
         self.prompts = PromptStream(self.train_rows, cfg.seed, self.state)  # the same on every rank
-        self.fast_policy = FastPolicy(self.model, keep=cfg.fast_rollout_keep) if cfg.fast_rollout else None  # built on first rollout
+        # CPU precision (grpo.precision): bf16 sampling copy and learner autocast where the CPU is fast at bf16.
+        self.cpu_dtype, why = resolve_cpu_dtype(cfg.cpu_dtype, self.device)
+        if self.cpu_dtype is None and cfg.cpu_dtype != "auto":
+            raise ConfigError(f"cpu_dtype={cfg.cpu_dtype!r} applies on CPU only; this run is on {self.device} "
+                              "(bfloat16 where the GPU supports it): leave cpu_dtype at auto.")
+        if self.dist.is_main and self.cpu_dtype is not None:
+            print(describe(self.cpu_dtype, why), flush=True)
+        self.fast_policy = (FastPolicy(self.model, dtype=self.cpu_dtype, keep=cfg.fast_rollout_keep)
+                            if cfg.fast_rollout else None)  # built on first rollout
         # Compile only a copy that lives across rollouts: a rebuilt one would be compiled again each time.
         self.rollout_decode = resolve_decode(cfg.rollout_decode, self.device,
                                              plain_model=cfg.fast_rollout and cfg.fast_rollout_keep)
@@ -161,7 +175,6 @@ class Trainer:
             self.optimizer, warmup_steps=cfg.warmup_steps,
             total_steps=cfg.max_steps * cfg.num_iterations, kind=cfg.lr_scheduler,
         )
-        self.policy_loss = POLICY_LOSSES[self.algorithm.policy_loss]
         # Every trainable tensor, named (gradient all-reduce, NaN reports, the same start on every rank).
         self.named_trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         if self.critic is not None:
@@ -221,13 +234,15 @@ class Trainer:
         from grpo.evaluate import evaluate
 
         cfg = self.config
-        summary, _ = evaluate(
-            self.model, self.tokenizer, self.eval_rows[: cfg.eval_limit], fmt=cfg.prompt_format,
-            max_new_tokens=cfg.max_completion_length, max_prompt_length=cfg.max_prompt_length,
-            batch_size=cfg.generation_batch_size or cfg.batch_size, seed=cfg.seed, progress=False,
-            # through the PEFT model, which is not compiled (see rollout_decode)
-            decode="static" if self.rollout_decode == "compiled" else self.rollout_decode, bucket=cfg.rollout_bucket,
-        )
+        with autocast(self.cpu_dtype):
+            summary, _ = evaluate(
+                self.model, self.tokenizer, self.eval_rows[: cfg.eval_limit], fmt=cfg.prompt_format,
+                max_new_tokens=cfg.max_completion_length, max_prompt_length=cfg.max_prompt_length,
+                batch_size=cfg.generation_batch_size or cfg.batch_size, seed=cfg.seed, progress=False,
+                # through the PEFT model, which is not compiled (see rollout_decode)
+                decode="static" if self.rollout_decode == "compiled" else self.rollout_decode,
+                bucket=cfg.rollout_bucket,
+            )
         return {f"eval/{k}": v for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
     def step(self) -> dict[str, float]:
@@ -414,12 +429,22 @@ class Trainer:
         return [slice(i, min(i + m, batch_size)) for i in range(0, batch_size, m)]
 
     def logprobs(self, rollout: Rollout, mb: slice, return_entropy: bool = False):
-        return completion_logprobs(
-            self.model, rollout.prompt_ids[mb], rollout.prompt_mask[mb],
-            rollout.completion_ids[mb], rollout.completion_mask[mb],
-            temperature=self.config.temperature or 1.0, method=self.config.logprob_method,
-            return_entropy=return_entropy,
-        )
+        """Log-probs [b, T] (and entropy) of micro-batch `mb` under the policy; the decoder
+        under bf16 autocast where `cpu_dtype` chose bf16 (the output layer stays float32)."""
+        with autocast(self.cpu_dtype):
+            return completion_logprobs(
+                self.model, rollout.prompt_ids[mb], rollout.prompt_mask[mb],
+                rollout.completion_ids[mb], rollout.completion_mask[mb],
+                temperature=self.config.temperature or 1.0, method=self.config.logprob_method,
+                return_entropy=return_entropy,
+            )
+
+    def values(self, rollout: Rollout, mb: slice) -> torch.Tensor:
+        """The critic's V(s_t) [b, T] of micro-batch `mb` (inside `critic.active()`), the decoder
+        under the same autocast as `logprobs`."""
+        with autocast(self.cpu_dtype):
+            return self.critic.values(rollout.prompt_ids[mb], rollout.prompt_mask[mb],
+                                      rollout.completion_ids[mb], rollout.completion_mask[mb])
 
     @torch.no_grad()
     def frozen_logprobs(self, rollout: Rollout) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -442,9 +467,7 @@ class Trainer:
         """V(s_t) [B, T] of the rollout under the current critic, in the update's micro-batches."""
         self.model.train()
         with self.critic.active():
-            return torch.cat([self.critic.values(rollout.prompt_ids[mb], rollout.prompt_mask[mb],
-                                                 rollout.completion_ids[mb], rollout.completion_mask[mb])
-                              for mb in self.micro_batches(rollout.completion_ids.shape[0])])
+            return torch.cat([self.values(rollout, mb) for mb in self.micro_batches(rollout.completion_ids.shape[0])])
 
     def optimize(self, rollout: Rollout, adv: torch.Tensor, mask: torch.Tensor,
                  old_logp: torch.Tensor | None, ref_logp: torch.Tensor | None,
@@ -472,30 +495,34 @@ class Trainer:
         """
         cfg = self.config
         self.model.train()
-        # Whole-batch normalizers: the sum over micro-batches is the big-batch loss.
-        sequences, tokens = distributed.sum_scalars([float((mask.sum(-1) > 0).sum()), float(mask.sum())])
-        norms = dict(num_sequences=max(int(sequences), 1), num_tokens=max(int(tokens), 1),
-                     max_completion_length=cfg.max_completion_length)  # of the global batch
+        norms = self.loss_normalizers(mask)
         totals = dict.fromkeys(("loss", "kl", "entropy", "clip_ratio", "clip_ratio_low", "clip_ratio_high"), 0.0)
+        mismatch = []  # per micro-batch sums (grpo.losses.mismatch_sums)
         for mb in self.micro_batches(rollout.completion_ids.shape[0]):
             logp, entropy = self.logprobs(rollout, mb, return_entropy=True)  # [b, T]
             m = mask[mb]
             if (bad := faults.first_nonfinite({"policy log-probs": logp}, m)) is not None:
                 totals["nonfinite"] = bad
             old = old_logp[mb] if old_logp is not None else logp.detach()
-            per_token, stats = self.policy_loss(logp, old, adv[mb], m, cfg.epsilon_low, cfg.epsilon_high)
-            if ref_logp is not None:
-                kl = kl_k3(logp, ref_logp[mb])  # [b, T]
-                if not cfg.kl_in_reward:  # else the penalty is already in the advantages
-                    per_token = per_token + cfg.beta * kl
-                totals["kl"] += float((kl.detach() * m).sum())
-            loss = aggregate(per_token, m, cfg.loss_type, **norms)
+            weights = None
+            if rollout.sampler_logp is not None:
+                sampler = rollout.sampler_logp[mb]
+                mismatch.append(mismatch_sums(old, sampler, rollout.completion_mask[mb], cfg.sampler_correction_cap))
+                if cfg.sampler_correction == "tis":
+                    weights = truncated_is_weights(old, sampler, cfg.sampler_correction_cap)  # [b, T]
+            loss, stats = objective(
+                logp, old, adv[mb], m, policy_loss=self.algorithm.policy_loss, aggregation=cfg.loss_type,
+                norms=norms, eps_low=cfg.epsilon_low, eps_high=cfg.epsilon_high,
+                ref_logp=ref_logp[mb] if ref_logp is not None else None, beta=cfg.beta,
+                kl_in_loss=not cfg.kl_in_reward,  # else the penalty is already in the advantages
+                bias_corrected_kl=cfg.use_bias_correction_kl, is_weights=weights)
             if "nonfinite" not in totals and (bad := faults.first_nonfinite(
                     {"reference log-probs": ref_logp[mb] if ref_logp is not None else None,
                      "advantages": adv[mb], "loss": loss.detach()}, m)) is not None:
                 totals["nonfinite"] = bad
             loss.backward()
             totals["loss"] += loss.item()
+            totals["kl"] += float(stats.get("kl_sum", 0.0))
             totals["entropy"] += float((entropy * m).sum())
             tokens = float(m.sum())  # the clip stats are masked means over this micro-batch
             totals["clip_ratio"] += float(stats["clip_frac"]) * tokens
@@ -508,7 +535,16 @@ class Trainer:
             totals["vf_clip_frac"] /= norms["num_tokens"]
         for key in ("kl", "entropy", "clip_ratio", "clip_ratio_low", "clip_ratio_high"):
             totals[key] /= norms["num_tokens"]  # token means over the batch
-        return totals
+        return totals | (mismatch_metrics(mismatch) if mismatch else {})
+
+    def loss_normalizers(self, mask: torch.Tensor) -> dict[str, int]:
+        """The whole (global) batch's normalizers of `grpo.losses.aggregate`, mask [B, T]: every
+        row counts as a sequence, also a row masked out of the loss (truncated, or in a
+        zero-std group): GRPO's 1/G and Dr.GRPO's constant count every output (DeepSeekMath
+        eq. 3; Dr.GRPO Sec. 3.2), a masked row adds 0 to the sum. Tokens are the kept ones."""
+        sequences, tokens = distributed.sum_scalars([float(mask.shape[0]), float(mask.sum())])
+        return dict(num_sequences=max(int(sequences), 1), num_tokens=max(int(tokens), 1),
+                    max_completion_length=self.config.max_completion_length)
 
     def value_backward(self, rollout: Rollout, mb: slice, old_values: torch.Tensor, returns: torch.Tensor,
                        mask: torch.Tensor, norms: dict[str, int]) -> dict[str, float]:
@@ -516,8 +552,7 @@ class Trainer:
         backpropagated into the critic. old_values, returns [B, T]; mask [b, T]."""
         cfg = self.config
         with self.critic.active():  # forward and backward with the critic adapter on
-            values = self.critic.values(rollout.prompt_ids[mb], rollout.prompt_mask[mb],
-                                        rollout.completion_ids[mb], rollout.completion_mask[mb])  # [b, T]
+            values = self.values(rollout, mb)  # [b, T]
             per_token, stats = value_loss(values, old_values[mb], returns[mb], mask, cfg.cliprange_value)
             loss = cfg.vf_coef * aggregate(per_token, mask, "bnpo", **norms)
             loss.backward()
@@ -578,6 +613,16 @@ UPDATE_SUMS = {"loss", "kl", "entropy", "clip_ratio", "clip_ratio_low", "clip_ra
                "vf_loss", "vf_clip_frac", "value_mean"}  # per-rank parts of global means
 
 
+def mismatch_metrics(parts: list[dict[str, float]]) -> dict[str, float]:
+    """`mismatch/*` metrics of a rollout from its micro-batches' `grpo.losses.mismatch_sums`
+    (token means over this rank's completion tokens; the max over them)."""
+    tokens = max(sum(p["tokens"] for p in parts), 1.0)
+    return {"mismatch/kl": sum(p["kl"] for p in parts) / tokens,
+            "mismatch/logp_abs_diff_mean": sum(p["abs_diff"] for p in parts) / tokens,
+            "mismatch/ratio_max": max(p["ratio_max"] for p in parts),
+            "mismatch/truncated_frac": sum(p["truncated"] for p in parts) / tokens}
+
+
 def prompt_seed(seed: int, index: int) -> int:
     """The sampling seed of the index-th prompt drawn in a run seeded `seed`."""
     return (seed * 0x9E3779B97F4A7C15 + index * 0xBF58476D1CE4E5B9 + 1) % (2**63)
@@ -595,6 +640,8 @@ def _resolve_model(model: Any, tokenizer: Any, cfg: GRPOConfig):
         tokenizer = load_tokenizer(cfg.tokenizer or name, trust_remote_code=cfg.trust_remote_code)
     if not hasattr(model, "peft_config"):
         model = attach_adapters(model, cfg, cfg.adapter_path)
+    else:  # a PeftModel built by the caller: the one 4-bit compute path all the same
+        disable_cpu_4bit_packing(model)
     return model, prepare_tokenizer(tokenizer)
 
 
@@ -636,6 +683,8 @@ def concat_rollouts(parts: list[Rollout], pad_id: int) -> Rollout:
         completion_texts=[t for p in parts for t in p.completion_texts],
         prompt_indices=torch.cat([p.prompt_indices + int(o) for p, o in zip(parts, offsets)]),
         group_size=parts[0].group_size,
+        sampler_logp=None if any(p.sampler_logp is None for p in parts)
+        else pad([p.sampler_logp for p in parts], False, 0),
     )
 
 
@@ -647,6 +696,7 @@ def select_rows(rollout: Rollout, index: torch.Tensor) -> Rollout:
         completion_ids=rollout.completion_ids[index], completion_mask=rollout.completion_mask[index],
         truncated=rollout.truncated[index], completion_texts=[rollout.completion_texts[i] for i in index.tolist()],
         prompt_indices=torch.arange(index.numel(), device=index.device) // G, group_size=G,
+        sampler_logp=rollout.sampler_logp[index] if rollout.sampler_logp is not None else None,
     )
 
 

@@ -363,3 +363,82 @@ def test_train_cli_sft_then_ppo(tmp_path, capsys):
     assert all(math.isfinite(m["vf_loss"]) for m in metrics)
     assert (out / "sft" / "adapter" / "adapter_model.safetensors").is_file()
     assert (out / "checkpoint-2" / "critic.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------------- against TRL 1.16 and the papers
+def test_sequence_kl_rewards_by_hand():
+    # k1 = old - ref per token = [[0.5, -0.25, (pad 9)], [1.0, 0, 0]]; sums [0.25, 1.0];
+    # beta 0.1 -> rewards [1 - 0.025, 0 - 0.1].
+    from grpo.algorithms import sequence_kl_rewards
+
+    old = torch.tensor([[0.5, -0.25, 9.0], [1.0, 0.0, 0.0]])
+    inputs = AdvantageInputs(torch.tensor([1.0, 0.0]), torch.tensor([[1, 1, 0], [1, 1, 1]]), old, torch.zeros(2, 3))
+    torch.testing.assert_close(sequence_kl_rewards(inputs, 0.1), torch.tensor([0.975, -0.1]))
+    assert torch.equal(sequence_kl_rewards(inputs, 0.0), inputs.rewards)
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "dr_grpo", "dapo", "rloo", "gspo"])
+def test_kl_in_reward_changes_the_gradient_of_outcome_algorithms(tmp_path, algorithm):
+    # Before: with kl_in_reward the loss skipped the KL and the outcome advantages ignored it,
+    # so beta 0.04 gave exactly the gradient of beta 0. The KL now enters each sequence's reward.
+    grads = {}
+    for beta in (0.0, 0.5):
+        trainer = make_trainer(tmp_path / f"b{beta}", algorithm=algorithm, beta=beta, kl_in_reward=True,
+                               dynamic_sampling=False, overlong_penalty=0.0, max_steps=1, learning_rate=1e-3,
+                               lora_dropout=0.0)
+        with torch.no_grad():  # a policy away from the reference, so that the KL is not 0
+            for name, p in trainer.model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.3, generator=torch.Generator().manual_seed(7))
+        rows, seeds = trainer.draw(trainer.config.prompts_per_step)
+        rollout = trainer.generate(rows, seeds)
+        rewards, _ = trainer.score(rows, rollout)
+        old, ref = trainer.frozen_logprobs(rollout)
+        adv, _ = trainer.advantages(AdvantageInputs(rewards, rollout.completion_mask, old, ref))
+        trainer.accumulate_gradients(rollout, adv, rollout.completion_mask.float(), old, ref)
+        grads[beta] = torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None])
+        if beta > 0:  # the loss holds no KL term: the advantages carry it
+            kl = ((old - ref) * rollout.completion_mask).sum(-1)
+            expected, _ = ALGORITHMS[algorithm].advantage(
+                AdvantageInputs(rewards - beta * kl, rollout.completion_mask), trainer.config)
+            torch.testing.assert_close(adv, expected)
+    assert not torch.allclose(grads[0.0], grads[0.5], rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "bnpo"])
+def test_masked_rows_still_count_as_outputs_in_the_normalizer(tmp_path, loss_type):
+    # Rows 1 and 2 of 4 are masked (truncated). ratio = 1 at the first update, so each kept
+    # token's loss is -A_i, with A = [1, -2, 3, -0.5], lengths [2, 3, 1, 4], T_max 8, B 4:
+    #   grpo:    (-1 + 0.5) / 4 = -0.125               (each kept row's token mean, over all B rows)
+    #   dr_grpo: (-1 * 2 + 0.5 * 4) / (4 * 8) = 0       -> use A_4 = -1.5: (-2 + 6) / 32 = 0.125
+    #   bnpo:    (-2 + 6) / 6 kept tokens = 0.6667
+    trainer = make_trainer(tmp_path, max_steps=1, sampler_correction="none", num_generations=2, batch_size=4,
+                           micro_batch_size=2, loss_type=loss_type)
+    rows, seeds = trainer.draw(2)
+    rollout = trainer.generate(rows, seeds)
+    lengths = torch.tensor([2, 3, 1, 4])
+    rollout.completion_mask = (torch.arange(8)[None] < lengths[:, None]).long()
+    keep = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    adv = torch.tensor([1.0, -2.0, 3.0, -1.5])
+    stats = trainer.accumulate_gradients(rollout, adv, rollout.completion_mask.float() * keep[:, None], None, None)
+    expected = {"grpo": (-1 + 1.5) / 4, "dr_grpo": (-2 + 6) / 32, "bnpo": (-2 + 6) / 6}[loss_type]
+    assert stats["loss"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_rloo_sums_each_sequences_log_probs():
+    # RLOO (Ahmadian et al. 2024) weighs the sequence's summed log-prob: grad = -1/B sum_i A_i
+    # sum_t grad logp_it. Our default aggregation (dr_grpo) gives that divided by T_max.
+    from grpo.losses import objective
+
+    cfg = GRPOConfig(algorithm="rloo")
+    assert cfg.loss_type == "dr_grpo"
+    logp = (-torch.rand(3, 5, generator=torch.Generator().manual_seed(0))).requires_grad_()
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.float32)
+    adv = torch.tensor([0.5, -1.0, 0.5])
+    loss, _ = objective(logp, logp.detach(), adv, mask, policy_loss=ALGORITHMS["rloo"].policy_loss,
+                        aggregation=cfg.loss_type, norms=dict(num_sequences=3, num_tokens=9, max_completion_length=5),
+                        eps_low=0.2, eps_high=0.2)
+    got, = torch.autograd.grad(loss, logp)
+    reinforce = -(adv * (logp * mask).sum(-1)).sum() / 3
+    want, = torch.autograd.grad(reinforce, logp)
+    torch.testing.assert_close(got, want / 5)

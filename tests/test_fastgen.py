@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from grpo.fastgen import FastPolicy, FastPolicyError
+from grpo.model import disable_cpu_4bit_packing
 from grpo.rollout import generate_rollout, sample
 from grpo.testing import tiny_model, tiny_tokenizer
 
@@ -53,11 +54,15 @@ def nf4_base_dir(tmp_path_factory):
 
 
 def load_nf4(path):
+    """A 4-bit base on the one CPU path the trainer gives it (attach_adapters calls
+    disable_cpu_4bit_packing): dequantize to float32, then multiply, also in eval mode."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, device_map={"": "cpu"},
-                                                dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, device_map={"": "cpu"},
+                                                 dtype=torch.float32)
+    disable_cpu_4bit_packing(model)
+    return model
 
 
 IDS = torch.randint(4, 100, (3, 12), generator=torch.Generator().manual_seed(0))
@@ -78,6 +83,9 @@ def test_logits_match_peft_nf4(nf4_base_dir):
     # Both paths use the same dequantized NF4 weights (bitsandbytes' CPU forward calls
     # dequantize_4bit to float32 and then a float32 matmul; FastPolicy calls dequantize_4bit
     # once), so only the summation order differs: the float32 tolerance applies unchanged.
+    # Without disable_cpu_4bit_packing (load_nf4), on a CPU with AVX512-BF16 the first eval
+    # forward would switch PEFT to a bfloat16 kernel and repack the 4-bit weights, which the
+    # copy (built on first use) then dequantizes as garbage: logits off by 13 (of 9) measured.
     model = peft_policy(load_nf4(nf4_base_dir)).eval()
     fast = FastPolicy(model)
     ref = logits(model, IDS)
@@ -199,10 +207,15 @@ def test_trainer_steps_identical_with_and_without_fast_rollout(tmp_path):
     rows = [{"prompt": p} for p in PROMPTS]
 
     def run(fast_rollout: bool, keep: bool = True):
+        # sampler_correction "none": TIS (the default with fast_rollout) weights each token by
+        # pi_old / pi_copy, 1 up to the copy's rounding (~1e-6), which moved the step-1 loss
+        # (~0) by 1.5e-7 and grad_norm by 6e-6 relative under other ISAs / thread counts.
+        # Without it the runs are bitwise equal here; the tolerances allow only for float32 reordering.
         cfg = grpo.GRPOConfig(output_dir=str(tmp_path / f"{fast_rollout}{keep}"), num_generations=4, batch_size=8,
                               micro_batch_size=4, max_completion_length=8, max_steps=2, learning_rate=5e-2,
                               lr_scheduler="constant", beta=0.04, lora_r=4, save_steps=0, progress_bar=False,
-                              log_completions_steps=0, fast_rollout=fast_rollout, fast_rollout_keep=keep)
+                              log_completions_steps=0, fast_rollout=fast_rollout, fast_rollout_keep=keep,
+                              sampler_correction="none", cpu_dtype="float32")
         trainer = grpo.Trainer(tiny_model(), tiny_tokenizer(), [digit_fraction], rows, cfg)
         assert (trainer.fast_policy is not None) == fast_rollout
         out = []

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from grpo.model import disable_cpu_4bit_packing
 from grpo.rollout import (
     Rollout,
     default_eos_token_ids,
@@ -415,6 +416,7 @@ def test_4bit_lora_model_greedy_matches_generate(tok, prompts, tmp_path):
                                bnb_4bit_compute_dtype=torch.float32)
     base = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant,
                                                 device_map="cpu")
+    disable_cpu_4bit_packing(base)  # the trainer's float32 path, also on an AVX512-BF16 CPU
     lora = peft.get_peft_model(base, peft.LoraConfig(target_modules=["q_proj", "v_proj"], r=4))
     ids, mask, _ = encode_prompts(tok, prompts[:2], None)
     got, _, _ = sample(lora, ids, mask, max_new_tokens=6, eos_token_ids=[EOS], pad_token_id=PAD,
@@ -434,14 +436,14 @@ def test_reserved_cache_equals_dynamic_cache_and_never_reallocates():
     assert type(caches["reserved"].layers[0]).__name__ == "ReservedLayer"
     with torch.no_grad():
         for cache in caches.values():
-            model(input_ids=ids, past_key_values=cache, use_cache=True)
+            model(input_ids=ids, cache=cache, use_cache=True)
             cache.batch_repeat_interleave(2)  # [2, ...] -> [4, ...]
             cache.batch_select_indices(torch.tensor([0, 2, 3]))
         buffer = caches["reserved"].layers[0]._k.data_ptr()
         for t in range(3):
             tok = torch.tensor([[7 + t]] * 3)
             for cache in caches.values():
-                model(input_ids=tok, past_key_values=cache, use_cache=True)
+                model(input_ids=tok, cache=cache, use_cache=True)
     assert caches["reserved"].layers[0]._k.data_ptr() == buffer  # written in place
     assert caches["reserved"].get_seq_length() == caches["dynamic"].get_seq_length() == 8
     for a, b in zip(caches["dynamic"].layers, caches["reserved"].layers):

@@ -15,6 +15,7 @@ import torch
 
 from grpo import staticgen
 from grpo.fastgen import FastPolicy
+from grpo.model import disable_cpu_4bit_packing
 from grpo.rollout import _is_plain, encode_prompts, generate_rollout, sample
 from grpo.staticgen import fill_static_cache, left_pad_to, resolve_decode, round_up, static_decode_loop
 from grpo.testing import chat_prompt, tiny_gpt2, tiny_model, tiny_tokenizer
@@ -186,6 +187,7 @@ def test_peft_4bit_model_static_equals_dynamic(batch, tmp_path):
     tiny_model().save_pretrained(tmp_path)
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
     base = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quant, device_map="cpu")
+    disable_cpu_4bit_packing(base)  # the trainer's float32 path, also on an AVX512-BF16 CPU
     lora = peft.get_peft_model(base, peft.LoraConfig(target_modules=["q_proj", "v_proj"], r=4, init_lora_weights=False))
     assert not _is_plain(base) and not _is_plain(lora) and _is_plain(FastPolicy(lora).model)  # what "auto" reads
     ids, mask = batch
@@ -271,10 +273,14 @@ def test_trainer_steps_identical_with_static_decode(tmp_path, tok):
     rows = [{"prompt": chat_prompt(tok, q)} for q in ("2+2?", "what is 3*7?", "hi", "count to 5")]
 
     def run(decode: str):
+        # sampler_correction "none": TIS would weight tokens by pi_old / pi_sampler, and the two
+        # loops' log-probs differ by rounding, which moved the step-1 loss (~0) by up to 7.5e-8
+        # (limit 1e-7) with one thread. Without it the two runs are bitwise equal (measured).
         cfg = grpo.GRPOConfig(output_dir=str(tmp_path / decode), num_generations=4, batch_size=8, micro_batch_size=4,
                               max_completion_length=12, max_steps=2, learning_rate=5e-2, lr_scheduler="constant",
                               lora_r=4, save_steps=0, progress_bar=False, log_completions_steps=0,
-                              rollout_decode=decode, rollout_bucket=8)
+                              rollout_decode=decode, rollout_bucket=8, sampler_correction="none",
+                              cpu_dtype="float32")
         trainer = grpo.Trainer(tiny_model(), tiny_tokenizer(), [digit_fraction], rows, cfg)
         out = []
         for _ in range(2):

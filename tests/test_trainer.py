@@ -29,6 +29,7 @@ def make_trainer(tmp_path, model=None, **overrides) -> grpo.Trainer:
         output_dir=str(tmp_path / "run"), num_generations=8, batch_size=32, micro_batch_size=8,
         max_completion_length=8, max_steps=4, learning_rate=2e-2, lr_scheduler="constant", beta=0.0,
         lora_r=8, save_steps=0, progress_bar=False, log_completions_steps=0,
+        cpu_dtype="float32",  # the same numbers on every CPU; bf16 is tested in test_precision.py
     )
     settings.update(overrides)
     config = grpo.GRPOConfig(**settings)
@@ -94,8 +95,10 @@ def test_four_micro_batches_of_two_equal_one_batch_of_eight(tmp_path, loss_type)
         grads.append({k: p.grad.clone() for k, p in trainer.model.named_parameters() if p.grad is not None})
     small, big = grads
     assert small.keys() == big.keys() and len(small) > 0
+    # Each entry sums, in another order, terms as large as the tensor's largest entry, so its
+    # float32 rounding follows that scale (measured up to 1e-6 of it across ISAs), not its own size.
     for k in small:
-        torch.testing.assert_close(small[k], big[k], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(small[k], big[k], rtol=1e-5, atol=1e-5 * big[k].abs().max().item())
 
 
 def test_gradient_checkpointing_same_gradients_fewer_saved_activations(tmp_path):
