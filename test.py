@@ -154,7 +154,7 @@ def run_evaluation(args, model, tokenizer, rows, k_list: list[int], adapter: str
         "cpu_dtype": args.cpu_dtype, "precision": getattr(args, "precision", None),
         "wall_seconds": round(time.time() - start, 1),
     }
-    out = Path(args.output or default_output(args))
+    out = Path(args.output)
     samples_path, summary_path = write_results(out, summary, records, meta)
     if args.save_traces:
         traces = [
@@ -231,6 +231,21 @@ def stdin_questions():
             return
 
 
+def check_outputs(args) -> None:
+    """Before any model is loaded: the results folder and the traces file can be written (an
+    evaluation that cannot save its results would be lost at the end)."""
+    from grpo.faults import check_writable
+
+    if not (args.interactive or args.question is not None):
+        args.output = args.output or default_output(args)  # one name: the default holds the time
+        check_writable(args.output, "output", "the evaluation's summary.json and samples.jsonl")
+    if args.save_traces:
+        traces = Path(args.save_traces)
+        if traces.is_dir():
+            raise ValueError(f"--save_traces {traces} is a folder: give a file, e.g. {traces / 'traces.jsonl'}")
+        check_writable(traces.parent, "save_traces", "the traces file")
+
+
 def append_traces(path: str, traces: list[dict]) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as f:
@@ -260,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.limit is not None and args.limit < 1:
                 raise ValueError(f"--limit {args.limit}: must be >= 1")
             rows = load_gsm8k(args.dataset, args.split, limit=args.limit)
+        check_outputs(args)
         model, tokenizer = load_model(args.model, adapter, trust_remote_code=args.trust_remote_code)
         dtype, why = resolve_cpu_dtype(args.cpu_dtype, next(model.parameters()).device)
         if dtype is not None:

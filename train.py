@@ -102,6 +102,10 @@ def run(cfg) -> dict:
     summary = trainer.train()
     if summary.get("stopped_by") or not dist.is_main:
         return summary
+    if not summary["last_metrics"]:  # resumed at or past max_steps: no step ran, so no rewards to report
+        print(f"\nGRPO: nothing left to run; {summary['run_dir']}/checkpoint-{summary['steps']} is the last "
+              f"checkpoint (max_steps={cfg.max_steps}).")
+        return summary
     plots = write_plots(summary["run_dir"])
     print(
         f"\nGRPO: {summary['steps']} steps in {summary['run_dir']}\n"
@@ -144,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = parse_config(argv, defaults=defaults)
         try:
             summary = run(cfg)
+        except SystemExit as exc:  # sys.exit() from user code (a callback, a reward's library): not a finished run
+            raise TrainingError(f"something called sys.exit({exc.code!r}) during the run, which did not finish; "
+                                "the last complete checkpoint is kept. Look for sys.exit / exit() in your "
+                                "callbacks and reward functions.") from exc
         finally:
             shutdown()
     except (ConfigError, DataError, ModelLoadError, CheckpointError, RewardError) as err:

@@ -24,7 +24,11 @@ def machine() -> str:
         name = re.search(r"Model name:\s*(.+)", out).group(1).strip()
     except (OSError, AttributeError):
         pass
-    return f"{name}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    from grpo.precision import cpu_bf16_instructions
+
+    isa = cpu_bf16_instructions()  # bf16 matmuls are fast only with these (grpo/precision.py)
+    return (f"{name}{f' with {isa}' if isa else ' (no AVX512-BF16 / AMX)'}, {os.cpu_count()} cores, "
+            f"torch {torch.__version__} ({torch.get_num_threads()} threads)")
 
 
 def load_average() -> str:

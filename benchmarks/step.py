@@ -83,7 +83,7 @@ def child_ours(args, rows) -> dict:
         lr_scheduler="constant", beta=0.04, loss_type="bnpo", lora_r=16, lora_alpha=32, lora_dropout=0.0,
         lora_target_modules=TARGETS, temperature=1.0, save_steps=0, progress_bar=False, log_completions_steps=0,
         reward_funcs=list(REWARDS), fast_rollout=args.fast_rollout, fast_rollout_keep=args.keep, seed=0,
-        gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing=args.gradient_checkpointing, cpu_dtype=args.cpu_dtype,
     )
     model = load_base_model("embedded", load_in_4bit=args.four_bit)
     tok = load_tokenizer("embedded")
@@ -172,6 +172,7 @@ def run_child(args, framework: str) -> dict:
     cmd += [] if args.fast_rollout else ["--no_fast_rollout"]
     cmd += [] if args.keep else ["--no_keep"]
     cmd += ["--gradient_checkpointing"] if args.gradient_checkpointing else []
+    cmd += ["--cpu_dtype", args.cpu_dtype]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent, env={**os.environ, **MALLOC_ENV})
     if res.returncode:
         tail = [ln for ln in res.stderr.strip().splitlines() if ln.strip()][-3:]
@@ -204,6 +205,8 @@ def main(argv=None):
                    help="ours with fast_rollout_keep=False (the fast copy freed during the update)")
     p.add_argument("--gradient_checkpointing", action="store_true",
                    help="activation checkpointing in both (TRL's default; ours is off by default)")
+    p.add_argument("--cpu_dtype", default="float32", choices=["auto", "float32", "bfloat16"],
+                   help="ours' cpu_dtype (TRL runs in float32 on CPU, bf16 off, as a CPU user of TRL would)")
     p.add_argument("--threads", type=int, default=1, help="torch threads in each child (see benchmarks/rollout.py)")
     p.add_argument("--write", action="store_true", help="replace this precision's section of RESULTS.md")
     p.add_argument("--child", choices=("ours", "trl"), help=argparse.SUPPRESS)
@@ -236,7 +239,8 @@ def main(argv=None):
     print("\n".join(lines) + "\n" + ratio)
     if args.write:
         cmd = "python benchmarks/step.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        setting = ("4-bit" if args.four_bit else "float32") + (", gradient checkpointing" if args.gradient_checkpointing else "")
+        setting = (("4-bit" if args.four_bit else "float32") + (", gradient checkpointing" if args.gradient_checkpointing else "")
+                   + ("" if args.cpu_dtype == "float32" else f", ours cpu_dtype {args.cpu_dtype}"))
         trl_version = res.get("trl", {}).get("version") or "?"
         write_section(SECTION.format(setting=setting), "\n".join([
             f"Measured {datetime.date.today().isoformat()} on {machine()}; {load_average()} at the end (a load above "
@@ -248,7 +252,8 @@ def main(argv=None):
             f"all 7 projections, G {args.group}, {args.prompts} GSM8K prompts per step (batch {args.group * args.prompts}), "
             f"<= {args.new_tokens} completion tokens (EOS stops), beta 0.04, loss bnpo, 1 warm-up + {args.steps} timed "
             f"steps x {args.rounds} round(s), torch threads {args.threads}, ours with fast_rollout={args.fast_rollout}, "
-            f"fast_rollout_keep={args.keep}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'} in both. "
+            f"fast_rollout_keep={args.keep}, cpu_dtype={args.cpu_dtype}, "
+            f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'} in both. "
             f"TRL {trl_version}: GRPOTrainer from `pip install --no-deps --target /tmp/trl_pkg trl` (no vLLM, bf16 off). "
             "Peak RSS = whole-process VmHWM, reset after the base model is loaded (trainer setup + steps; includes the "
             "model, libraries, activations and our fast copy), with glibc's mmap threshold fixed at 64 KiB in both "

@@ -220,7 +220,7 @@ def _read_file(path: Path) -> list[tuple[str, dict]]:
     try:
         if path.suffix == ".parquet":
             return _read_parquet(path)
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (some editors write one) is not data
     except (OSError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: cannot read file ({err})") from err
     if path.suffix == ".json" and text.lstrip().startswith("["):

@@ -14,6 +14,7 @@ import ast
 import dataclasses
 import difflib
 import functools
+import importlib.util
 import inspect
 import math
 import textwrap
@@ -32,6 +33,8 @@ MODES = ("grpo", "sft", "both")
 SCHEDULERS = ("cosine", "linear", "constant")
 REPORT_TO = ("none", "wandb", "tensorboard")
 SAMPLER_CORRECTIONS = ("tis", "none")
+REPORT_PACKAGES = {"wandb": ("wandb", "pip install 'grpo[wandb]'"),  # the module to find, how to install it
+                   "tensorboard": ("tensorboard", "pip install tensorboard")}
 
 
 class ConfigError(ValueError):
@@ -58,7 +61,7 @@ class GRPOConfig:
     load_in_4bit: Optional[bool] = None
     """Quantize the base to 4-bit NF4 with bitsandbytes. Default (None): on for CUDA, off on CPU (see RESULTS.md)."""
     cpu_dtype: str = "auto"
-    """Compute precision on CPU: auto (bfloat16 where the CPU has fast bf16 matmuls, AVX512-BF16 or AMX, else float32) | float32 | bfloat16. bfloat16 puts the sampling copy in bf16 and the learner's decoder under bf16 autocast; LoRA weights, optimizer, log-probs and loss stay float32 (grpo/precision.py). Ignored on CUDA, which uses bf16 where the GPU supports it."""
+    """Compute precision on CPU: auto (bfloat16 where the CPU has fast bf16 matmuls, AVX512-BF16 or AMX, else float32) | float32 | bfloat16. bfloat16 puts the sampling copy in bf16 and the learner's decoder under bf16 autocast; LoRA weights, optimizer, log-probs and loss stay float32 (grpo/precision.py). CPU only: on CUDA leave it at auto (bf16 where the GPU supports it)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory (works on a 4-bit base with PEFT)."""
     trust_remote_code: bool = False
@@ -227,6 +230,12 @@ class GRPOConfig:
         # or fail by name as YAML and CLI values do, not later inside a comparison.
         for f in dataclasses.fields(self):
             setattr(self, f.name, _coerce(f.name, getattr(self, f.name), _field_types()[f.name], "GRPOConfig"))
+        for f in dataclasses.fields(self):  # nan / inf pass every comparison in validate(): refuse them first,
+            value = getattr(self, f.name)    # before derived defaults (critic_learning_rate) copy them
+            if isinstance(value, float) and not math.isfinite(value):
+                default = _DEFAULTS.get(f.name)
+                raise ConfigError(f"{f.name}={value} is not a finite number: give a real value, e.g. "
+                                  f"--{f.name} {default if isinstance(default, float) else 0.5}.")
         algo_defaults = ALGORITHM_DEFAULTS.get(self.algorithm)
         if algo_defaults is None:
             raise ConfigError(f"algorithm={self.algorithm!r} is unknown; choose one of {', '.join(ALGORITHMS)}.")
@@ -280,8 +289,25 @@ class GRPOConfig:
         from grpo.precision import CPU_DTYPES
         from grpo.staticgen import DECODE_MODES
 
+        if self.num_generations < 1:  # before the checks below divide by it
+            raise ConfigError(f"num_generations={self.num_generations} must be >= 1 (completions per prompt; use 4-16).")
         checks = [
             (self.mode in MODES, f"mode={self.mode!r}: choose one of {', '.join(MODES)}."),
+            (self.output_dir.strip() != "",
+             "output_dir is empty: give the run's folder, e.g. --output_dir runs/my-run (it would write into the "
+             "working directory)."),
+            (0 <= self.seed < 2**64, f"seed={self.seed} must be in [0, 2**64) (torch's generators take 64 bits)."),
+            (self.learning_rate > 0, f"learning_rate={self.learning_rate} must be > 0 (e.g. 5e-05)."),
+            (self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be >= 0 (0 = no decay)."),
+            (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1,
+             f"adam_beta1={self.adam_beta1} and adam_beta2={self.adam_beta2} must be in [0, 1) (e.g. 0.9 and 0.99)."),
+            (self.warmup_steps >= 0, f"warmup_steps={self.warmup_steps} must be >= 0 (0 = no warmup)."),
+            (self.lora_alpha > 0, f"lora_alpha={self.lora_alpha} must be > 0 (the LoRA update is scaled by lora_alpha / lora_r)."),
+            (self.max_grad_norm >= 0, f"max_grad_norm={self.max_grad_norm} must be >= 0 (0 = no clipping)."),
+            (self.logging_steps >= 1, f"logging_steps={self.logging_steps} must be >= 1 (write metrics every N steps)."),
+            (min(self.eval_steps, self.log_completions_steps, self.sft_steps) >= 0,
+             f"eval_steps={self.eval_steps}, log_completions_steps={self.log_completions_steps} and "
+             f"sft_steps={self.sft_steps} must be >= 0 (0 = never / no SFT)."),
             (self.prompt_format in FORMATS,
              f"prompt_format={self.prompt_format!r}: choose one of {', '.join(FORMATS)}."),
             (self.logprob_method == "auto" or self.logprob_method in METHODS,
@@ -297,6 +323,9 @@ class GRPOConfig:
              f"scale_rewards={self.scale_rewards!r}: choose one of {', '.join(SCALE_REWARDS)}."),
             (self.lr_scheduler in SCHEDULERS, f"lr_scheduler={self.lr_scheduler!r}: choose one of {', '.join(SCHEDULERS)}."),
             (self.report_to in REPORT_TO, f"report_to={self.report_to!r}: choose one of {', '.join(REPORT_TO)}."),
+            (self.report_to not in REPORT_PACKAGES or importlib.util.find_spec(REPORT_PACKAGES[self.report_to][0]),
+             f"report_to={self.report_to} needs the {self.report_to} package, which is not installed: "
+             f"{REPORT_PACKAGES.get(self.report_to, ('', ''))[1]}, or use --report_to none."),
             (self.num_generations >= 2 or (self.algorithm in GROUP_FREE and not self.needs_groups),
              f"num_generations={self.num_generations}: algorithm={self.algorithm} needs at least 2 completions "
              "per prompt to compare them (group statistics); use 4-16"
@@ -308,8 +337,7 @@ class GRPOConfig:
             (self.cpu_dtype in CPU_DTYPES, f"cpu_dtype={self.cpu_dtype!r}: choose one of {', '.join(CPU_DTYPES)}."),
             (self.sampler_correction in SAMPLER_CORRECTIONS,
              f"sampler_correction={self.sampler_correction!r}: choose one of {', '.join(SAMPLER_CORRECTIONS)}."),
-            (self.sampler_correction_cap > 0 and math.isfinite(self.sampler_correction_cap),
-             f"sampler_correction_cap={self.sampler_correction_cap} must be a finite number > 0 (e.g. 2.0)."),
+            (self.sampler_correction_cap > 0, f"sampler_correction_cap={self.sampler_correction_cap} must be > 0 (e.g. 2.0)."),
             (not self.use_bias_correction_kl or (self.beta > 0 and not self.kl_in_reward),
              f"use_bias_correction_kl=true weights the KL term of the loss, but this run has "
              f"beta={self.beta} and kl_in_reward={self.kl_in_reward}: it needs beta > 0 and kl_in_reward false "
@@ -347,7 +375,6 @@ class GRPOConfig:
             (self.max_prompt_length > 0, f"max_prompt_length={self.max_prompt_length} must be > 0."),
             (self.num_iterations >= 1, f"num_iterations={self.num_iterations} must be >= 1."),
             (self.max_steps >= 0, f"max_steps={self.max_steps} must be >= 0."),
-            (self.learning_rate > 0, f"learning_rate={self.learning_rate} must be > 0."),
             (self.sft_learning_rate > 0, f"sft_learning_rate={self.sft_learning_rate} must be > 0."),
             (self.sft_batch_size > 0, f"sft_batch_size={self.sft_batch_size} must be > 0."),
             (self.lora_r > 0, f"lora_r={self.lora_r} must be > 0."),
@@ -380,6 +407,10 @@ class GRPOConfig:
         """Build from a dict, with a clear error for unknown keys and wrong types."""
         known = {f.name: f for f in dataclasses.fields(cls)}
         for key in values:
+            if not isinstance(key, str):  # YAML reads `yes:` as True and `1:` as 1
+                raise ConfigError(f"{source}: config key {key!r} is a {type(key).__name__}, not a field name: "
+                                  "each line is `field_name: value` (quote a key that YAML reads as a bool or "
+                                  "number); see `python train.py --help` for the keys.")
             if key not in known:
                 hint = difflib.get_close_matches(key, known, n=1)
                 raise ConfigError(
@@ -533,6 +564,9 @@ _DEFAULTS = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder, not a YAML file: give the file, e.g. "
+                          f"{path / 'config.yaml'} or configs/demo.yaml.")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist: check the path (the recipes are in configs/, "
                           "e.g. configs/demo.yaml).")

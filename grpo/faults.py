@@ -117,9 +117,10 @@ def count_skipped_step(state, limit: int, problem: str, advice: str) -> None:
 # Disk
 
 
-def check_writable(directory: str | Path, what: str = "output_dir") -> None:
+def check_writable(directory: str | Path, what: str = "output_dir", holds: str = "checkpoints and metrics") -> None:
     """Create `directory` and write, sync and delete a small probe file in it, before any
-    work; a failure (read-only, no permission, disk full) is a CheckpointError with the fix."""
+    work; a failure (read-only, no permission, disk full, a file in the way) is a
+    CheckpointError with the fix. `what` names the option, `holds` what goes there."""
     from grpo.checkpoint import CheckpointError
 
     path = Path(directory)
@@ -132,7 +133,7 @@ def check_writable(directory: str | Path, what: str = "output_dir") -> None:
             os.fsync(f.fileno())
     except OSError as err:
         raise CheckpointError(
-            f"{what} {path} is not writable ({err.strerror or err}): checkpoints and metrics go there. "
+            f"{what} {path} is not writable ({err.strerror or err}): {holds} go there. "
             f"Choose another --{what}, fix its permissions, or free disk space."
         ) from err
     finally:

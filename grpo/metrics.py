@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -55,20 +56,33 @@ def append_jsonl(path: Path, record: dict) -> None:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
+    """The JSON objects of a JSONL file, in order. A line that is not one (cut by a crash,
+    or edited by hand) is skipped with a warning naming it; the lines after it are kept."""
     path = Path(path)
     if not path.is_file():
         return []
-    rows = []
-    for line in path.read_text().splitlines():
+    rows, bad = [], []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
         try:
-            rows.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            break  # a line cut by a crash: everything before it is good
+            record = None
+        if isinstance(record, dict):
+            rows.append(record)
+        else:
+            bad.append(lineno)
+    if bad:
+        warnings.warn(f"{path}: skipped line(s) {', '.join(map(str, bad[:10]))}{' ...' if len(bad) > 10 else ''}, "
+                      "which are not JSON records (a line cut by a crash, or an edit); the other lines are kept.",
+                      stacklevel=2)
     return rows
 
 
 def truncate_jsonl(path: Path, last_step: int) -> None:
-    """Keep the records with step <= last_step (atomic rewrite); drop a torn last line."""
+    """Keep the records with step <= last_step (atomic rewrite); damaged lines are dropped
+    (`read_jsonl` says which), every valid one before the step is kept."""
     if not path.is_file():
         return
     kept = [r for r in read_jsonl(path) if r.get("step", 0) <= last_step]

@@ -139,7 +139,8 @@ def load_base_model(
     if load_in_4bit is None:
         load_in_4bit = default_load_in_4bit(device)
     dtype = compute_dtype(device)
-    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    # safetensors only: a pickled checkpoint (pytorch_model.bin) can run code when it is loaded.
+    kwargs = {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True}
     if load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -211,8 +212,18 @@ def _checked_path(name: str) -> str:
     return resolve_model_path(name)
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
 def _not_loadable(what: str, name: str, err: Exception) -> str:
     where = "folder" if Path(name).exists() else "hub id or path"
+    pickles = sorted(p.name for p in Path(name).glob("*") if p.suffix in PICKLE_SUFFIXES) if where == "folder" else []
+    if pickles and not list(Path(name).glob("*.safetensors")):
+        return (f"could not load the {what} {name!r}: the folder holds only pickled weights ({', '.join(pickles)}), "
+                "and weights are read as safetensors only (a pickle can run code when it is loaded). If you trust "
+                "the file, convert it once: python -c \"from transformers import AutoModelForCausalLM as M; "
+                f"M.from_pretrained('{name}', use_safetensors=False).save_pretrained('{name}-safetensors')\", "
+                f"then pass --model {name}-safetensors.")
     if "custom code" in str(err) or "trust_remote_code" in str(err):
         fix = ("It ships its own Python code, which runs only when you allow it (train.py --trust_remote_code "
                "true, test.py --trust_remote_code): read that code first, and allow it only for a repository "
@@ -252,6 +263,7 @@ def attach_adapters(base, cfg, adapter_path: str | None = None):
 
     disable_cpu_4bit_packing(base)
     if adapter_path is None:
+        check_target_modules(base, cfg.lora_target_modules)
         model = get_peft_model(base, lora_config(cfg))
     else:
         check_adapter(adapter_path, base)
@@ -260,6 +272,21 @@ def attach_adapters(base, cfg, adapter_path: str | None = None):
     if cfg.gradient_checkpointing:
         enable_checkpointing(model.get_base_model())
     return model
+
+
+def check_target_modules(base, targets) -> None:
+    """ModelLoadError naming `lora_target_modules` when one of them matches no layer of `base`
+    (peft would raise NoMatchingPeftModuleError for none at all, and say nothing for some),
+    with the names that do exist."""
+    linear = [name for name, module in base.named_modules()
+              if isinstance(module, torch.nn.Linear) or "Linear" in type(module).__name__]
+    names = {name.rsplit(".", 1)[-1] for name in linear}
+    # peft's rule for a list of names: a module matches when its full name is the target or ends in "." + target
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linear)]
+    if missing:
+        raise ModelLoadError(
+            f"lora_target_modules {missing} match no layer of this model; its linear layers are named "
+            f"{', '.join(sorted(names))}: choose among them, e.g. --lora_target_modules q_proj,v_proj.")
 
 
 def add_reference_adapter(model, adapter_path: str | Path) -> None:

@@ -2,10 +2,10 @@
 
 On CUDA the sampler copy and a 4-bit base compute in bfloat16 where the GPU supports it.
 On CPU it depends on the CPU: with AVX512-BF16 (or AMX) oneDNN runs bfloat16 matmuls at
-a multiple of the float32 rate (benchmarks/RESULTS.md, bf16 on CPU); without them bfloat16
-is emulated and slower than float32. `cpu_dtype: auto`
-asks torch which instructions the CPU has, and confirms with a short timed matmul (a build
-without oneDNN's bf16 kernels reports the instructions but gains nothing).
+a multiple of the float32 rate (benchmarks/RESULTS.md, the cpu_dtype tables); without them
+bfloat16 is emulated and slower than float32. `cpu_dtype: auto` asks torch which
+instructions the CPU has and whether this build has oneDNN, whose kernels use them
+(`detect_cpu_bf16`).
 
 With bfloat16 chosen on CPU:
 - the sampling copy (`grpo.fastgen.FastPolicy`) holds bfloat16 weights (half the memory);
@@ -21,12 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import time
 
 import torch
 
 CPU_DTYPES = ("auto", "float32", "bfloat16")
-MIN_SPEEDUP = 1.3  # a bf16 matmul at least this much faster than float32 counts as fast
 
 
 def cpu_bf16_instructions() -> str | None:
@@ -39,41 +37,32 @@ def cpu_bf16_instructions() -> str | None:
     return None
 
 
-def matmul_speedup(n: int = 512, repeats: int = 5) -> float:
-    """float32 time / bfloat16 time of an n x n matmul on this CPU (best of `repeats`, after
-    one warm-up call each): ~10 ms of work for n = 512."""
-    def best(dtype: torch.dtype) -> float:
-        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-        a @ b
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - t)
-        return min(times)
-
-    return best(torch.float32) / best(torch.bfloat16)
-
-
 @functools.cache
 def detect_cpu_bf16() -> tuple[bool, str]:
-    """(whether bfloat16 matmuls are fast on this CPU, the reason in words). Cached: the
-    timed matmul runs once per process."""
+    """(whether bfloat16 matmuls are fast on this CPU, the reason in words): the instructions
+    torch reports, and oneDNN (torch's bf16 CPU kernels) in this build. No timed matmul
+    decides it: on a loaded machine one flipped (a 512 x 512 bf16 matmul measured 0.2x the
+    float32 rate while the other core was busy, 2.0x idle), and a run's precision must not
+    depend on what else the machine is doing."""
     isa = cpu_bf16_instructions()
     if isa is None:
         return False, "this CPU has no AVX512-BF16 or AMX, so bfloat16 would be emulated (slower than float32)"
-    speedup = matmul_speedup()
-    if speedup < MIN_SPEEDUP:
-        return False, (f"this CPU reports {isa}, but a bfloat16 matmul ran only {speedup:.1f}x the float32 "
-                       f"rate here (under {MIN_SPEEDUP}x)")
-    return True, f"this CPU has {isa}: a bfloat16 matmul ran {speedup:.1f}x the float32 rate here"
+    if not torch.backends.mkldnn.is_available():
+        return False, f"this CPU has {isa}, but this torch build has no oneDNN, whose kernels use it"
+    return True, f"this CPU has {isa}, which oneDNN uses for bfloat16 matmuls"
 
 
 def resolve_cpu_dtype(setting: str, device: torch.device) -> tuple[torch.dtype | None, str]:
-    """(the CPU compute dtype, why), or (None, "") off CPU, where `cpu_dtype` does not apply."""
+    """(the CPU compute dtype, why), or (None, "") off CPU with `cpu_dtype: auto`; another
+    setting off CPU cannot take effect and is refused (ConfigError)."""
+    from grpo.config import ConfigError
+
     if setting not in CPU_DTYPES:
-        raise ValueError(f"cpu_dtype={setting!r}: choose one of {', '.join(CPU_DTYPES)}.")
+        raise ConfigError(f"cpu_dtype={setting!r}: choose one of {', '.join(CPU_DTYPES)}.")
     if torch.device(device).type != "cpu":
+        if setting != "auto":
+            raise ConfigError(f"cpu_dtype={setting!r} applies on CPU only; this run is on {device} (bfloat16 "
+                              "where the GPU supports it): leave cpu_dtype at auto.")
         return None, ""
     if setting == "float32":
         return torch.float32, "cpu_dtype is float32"

@@ -23,6 +23,7 @@ from grpo.config import GRPOConfig
 from grpo.metrics import MetricsLogger
 from grpo.model import completion_logprobs, trainable_parameters
 from grpo.optim import build_optimizer, build_scheduler
+from grpo.precision import autocast, describe, resolve_cpu_dtype
 from grpo.rollout import encode_prompts
 from grpo.trainer import PromptStream, TrainerState
 
@@ -57,6 +58,8 @@ class SFTTrainer:
         if len(rows) != len(targets) or not rows:
             raise ValueError(f"SFT needs one target per row and at least one row; got {len(rows)} rows, {len(targets)} targets.")
         self.model, self.tokenizer, self.config = model, tokenizer, config
+        # The learner's precision on CPU, as in GRPO (grpo.precision; the choice is cached).
+        self.cpu_dtype, why = resolve_cpu_dtype(config.cpu_dtype, next(model.parameters()).device)
         self.examples = [{"prompt_text": apply_chat_template(tokenizer, r["prompt"]) if not isinstance(r["prompt"], str)
                           else r["prompt"], "target": t} for r, t in zip(rows, targets)]
         self.run_dir = Path(config.output_dir) / "sft"
@@ -64,6 +67,8 @@ class SFTTrainer:
         self.stream = PromptStream(self.examples, config.seed, self.state)
         self.dist = distributed.setup()
         distributed.check_config(config, self.dist)
+        if self.dist.is_main and self.cpu_dtype is not None:
+            print("SFT " + describe(self.cpu_dtype, why), flush=True)
         self.stop, self.stopped_by = faults.GracefulStop(), None
         self.optimizer = build_optimizer(trainable_parameters(model), lr=config.sft_learning_rate,
                                          weight_decay=config.weight_decay, betas=(config.adam_beta1, config.adam_beta2))
@@ -134,7 +139,8 @@ class SFTTrainer:
         loss_total = 0.0
         for i in range(0, batch["completion_ids"].shape[0], cfg.micro_batch_size):
             micro = {k: v[i : i + cfg.micro_batch_size] for k, v in batch.items()}
-            loss = sft_loss(self.model, micro, num_tokens, cfg.logprob_method)
+            with autocast(self.cpu_dtype):  # the decoder only: the log-prob kernel and loss stay float32
+                loss = sft_loss(self.model, micro, num_tokens, cfg.logprob_method)
             loss.backward()
             loss_total += loss.item()
         params = trainable_parameters(self.model)

@@ -39,7 +39,7 @@ from grpo import checkpoint as ckpt
 from grpo import distributed, faults
 from grpo.advantages import zero_std_groups
 from grpo.algorithms import ALGORITHMS, AdvantageInputs, fill_batch, informative_groups, shaped_rewards
-from grpo.config import ConfigError, GRPOConfig
+from grpo.config import GRPOConfig
 from grpo.fastgen import FastPolicy
 from grpo.staticgen import resolve_decode
 from grpo.critic import Critic
@@ -152,9 +152,6 @@ class Trainer:
         self.prompts = PromptStream(self.train_rows, cfg.seed, self.state)  # the same on every rank
         # CPU precision (grpo.precision): bf16 sampling copy and learner autocast where the CPU is fast at bf16.
         self.cpu_dtype, why = resolve_cpu_dtype(cfg.cpu_dtype, self.device)
-        if self.cpu_dtype is None and cfg.cpu_dtype != "auto":
-            raise ConfigError(f"cpu_dtype={cfg.cpu_dtype!r} applies on CPU only; this run is on {self.device} "
-                              "(bfloat16 where the GPU supports it): leave cpu_dtype at auto.")
         if self.dist.is_main and self.cpu_dtype is not None:
             print(describe(self.cpu_dtype, why), flush=True)
         self.fast_policy = (FastPolicy(self.model, dtype=self.cpu_dtype, keep=cfg.fast_rollout_keep)
@@ -606,6 +603,12 @@ class Trainer:
         for f in fields(TrainerState):
             if f.name in saved:
                 setattr(self.state, f.name, saved[f.name])
+        if self.dist.is_main:
+            left = self.config.max_steps - self.state.step
+            print(f"resumed from {path} at step {self.state.step}: "
+                  + (f"{left} of max_steps={self.config.max_steps} left to run." if left > 0 else
+                     f"nothing left to run (max_steps={self.config.max_steps}); raise --max_steps to train on."),
+                  flush=True)
 
 
 # ---------------------------------------------------------------------- helpers

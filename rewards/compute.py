@@ -50,7 +50,7 @@ def _failing_sample(fn: Callable, prompts: Any, completions: Sequence, columns: 
     for i in range(n):
         try:
             fn(_slice(prompts, i, n), completions[i : i + 1], **{k: _slice(v, i, n) for k, v in columns.items()})
-        except Exception:
+        except (Exception, SystemExit):
             return i
     return None
 
@@ -115,7 +115,7 @@ def compute_rewards(
         name = _name(fn)
         try:
             values = fn(prompts, completions, **columns)
-        except Exception as exc:
+        except (Exception, SystemExit) as exc:  # sys.exit() in a reward is a bug, not the end of the run
             i = _failing_sample(fn, prompts, completions, columns)
             where = f"on sample {i} (completion starts {_preview(completions[i])})" if i is not None else "on the batch"
             raise RewardError(

@@ -48,6 +48,10 @@ def explode(prompts, completions, **columns):
 
 def one_value(prompts, completions, **columns):
     return [1.0]
+
+def quits(prompts, completions, **columns):
+    import sys
+    sys.exit()
 '''
 
 
@@ -65,6 +69,18 @@ def adapter_of_other_base(tmp: Path) -> None:
         .save_pretrained(tmp / "adapter")
 
 
+def pickled_model(tmp: Path) -> None:
+    """A model folder with only a pickled pytorch_model.bin (and the tokenizer)."""
+    import torch
+
+    from grpo.testing import tiny_tokenizer
+
+    model = tiny_model()
+    model.config.save_pretrained(tmp / "pickled")
+    tiny_tokenizer().save_pretrained(tmp / "pickled")
+    torch.save(model.state_dict(), tmp / "pickled" / "pytorch_model.bin")
+
+
 def split_folder(tmp: Path) -> None:
     jsonl(tmp / "gsm" / "train.jsonl", [{"question": "1+1?", "answer": "1+1=2\n#### 2"}])
 
@@ -78,6 +94,7 @@ class Case:
     setup: Callable[[Path], None] | None = None
     argparse_exit: bool = False  # argparse rejects it itself (exit 2 via SystemExit)
     offline: bool = False  # HF_HUB_OFFLINE=1
+    hide_package: str | None = None  # as if this package were not installed (importlib.util.find_spec)
 
 
 CASES = [
@@ -116,12 +133,39 @@ CASES = [
     Case("rollout-bucket-zero", "train", ["--rollout_bucket", "0"], ["rollout_bucket=0", "must be >= 1"]),
     Case("compiled-decode-of-a-freed-copy", "train", ["--rollout_decode", "compiled", "--fast_rollout_keep", "false"],
          ["rollout_decode='compiled'", "fast_rollout_keep=false", "rollout_decode: static"]),
+    # values that passed validation and failed later, or were taken silently (issue 20)
+    Case("num-generations-zero", "train", ["--num_generations", "0"], ["num_generations=0", "must be >= 1", "use 4-16"]),
+    Case("seed-beyond-64-bits", "train", ["--seed", str(2**64)], [f"seed={2**64}", "[0, 2**64)"]),
+    Case("weight-decay-negative", "train", ["--weight_decay", "-0.1"], ["weight_decay=-0.1", "must be >= 0"]),
+    Case("adam-beta1-one", "train", ["--adam_beta1", "1.0"], ["adam_beta1=1.0", "must be in [0, 1)"]),
+    Case("learning-rate-nan", "train", ["--learning_rate", "nan"],
+         ["learning_rate=nan", "not a finite number", "--learning_rate 5e-05"]),
+    Case("learning-rate-inf", "train", ["--learning_rate", "inf"], ["learning_rate=inf", "not a finite number"]),
+    Case("warmup-steps-negative", "train", ["--warmup_steps", "-2"], ["warmup_steps=-2", "must be >= 0"]),
+    Case("lora-alpha-zero", "train", ["--lora_alpha", "0"], ["lora_alpha=0", "must be > 0"]),
+    Case("output-dir-empty", "train", ["--output_dir", ""], ["output_dir is empty", "--output_dir runs/my-run"]),
+    Case("logging-steps-zero", "train", ["--logging_steps", "0"], ["logging_steps=0", "must be >= 1"]),
+    Case("eval-steps-negative", "train", ["--eval_steps", "-1"], ["eval_steps=-1", "must be >= 0"]),
+    # found after the model load before (and on resume after config.yaml was rewritten)
+    Case("report-to-wandb-not-installed", "train", ["--report_to", "wandb"],
+         ["report_to=wandb needs the wandb package", "pip install 'grpo[wandb]'", "--report_to none"],
+         hide_package="wandb"),
+    Case("cpu-dtype-unknown", "train", ["--cpu_dtype", "fp16"], ["cpu_dtype='fp16'", "auto, float32, bfloat16"]),
+    Case("sampler-correction-unknown", "train", ["--sampler_correction", "is"], ["sampler_correction='is'", "tis, none"]),
+    Case("bias-corrected-kl-without-kl", "train", ["--use_bias_correction_kl", "true", "--beta", "0"],
+         ["use_bias_correction_kl=true", "beta=0.0", "needs beta > 0"]),
     # ------------------------------------------------------------------ config files
     Case("config-file-missing", "train", ["--config", "{tmp}/none.yaml"],
          ["none.yaml", "does not exist", "check the path", "configs/demo.yaml"]),
     Case("config-file-malformed", "train", ["--config", "{tmp}/bad.yaml"],
          ["bad.yaml", "not valid YAML at line 2", "fix the syntax"],
          setup=lambda t: write(t / "bad.yaml", "lora_r: [1, 2\nbeta: 3\n")),
+    Case("config-file-is-a-folder", "train", ["--config", "{tmp}"], ["is a folder, not a YAML file", "config.yaml"]),
+    Case("config-key-not-a-string", "train", ["--config", "{tmp}/keys.yaml"],
+         ["keys.yaml", "config key True is a bool, not a field name", "field_name: value"],
+         setup=lambda t: write(t / "keys.yaml", "yes: 3\n")),
+    Case("config-key-a-number", "train", ["--config", "{tmp}/num.yaml"],
+         ["num.yaml", "config key 1 is a int, not a field name"], setup=lambda t: write(t / "num.yaml", "1: 3\n")),
     Case("config-file-not-a-mapping", "train", ["--config", "{tmp}/list.yaml"],
          ["list.yaml", "must hold a mapping of key: value, not list"],
          setup=lambda t: write(t / "list.yaml", "- lora_r\n- beta\n")),
@@ -144,7 +188,19 @@ CASES = [
          ["no file for split 'validation'", "the splits there are train", "--dataset_split"], setup=split_folder),
     Case("eval-dataset-folder-without-split", "eval", ["--dataset", "{tmp}/gsm", "--split", "test"],
          ["no file for split 'test'", "the splits there are train", "--split"], setup=split_folder),
+    Case("eval-output-is-a-file", "eval", ["--output", "{tmp}/taken", "--limit", "1"],
+         ["output", "taken", "is not writable", "Choose another --output"], setup=lambda t: write(t / "taken", "x")),
+    Case("eval-traces-path-is-a-folder", "eval", ["--save_traces", "{tmp}", "--limit", "1"],
+         ["--save_traces", "is a folder", "traces.jsonl"]),
     # ------------------------------------------------------------------ models and adapters
+    # a pickle-only base loaded and trained with no word, though weights are read as safetensors only
+    Case("model-pickle-only", "train", ["--model", "{tmp}/pickled"],
+         ["pytorch_model.bin", "safetensors only", "can run code", "use_safetensors=False", "-safetensors"],
+         setup=pickled_model),
+    Case("eval-model-pickle-only", "eval", ["--model", "{tmp}/pickled", "--question", "1+1?"],
+         ["pytorch_model.bin", "safetensors only", "convert it once"], setup=pickled_model),
+    Case("lora-target-modules-not-in-model", "train", ["--lora_target_modules", "query,value"],
+         ["lora_target_modules ['query', 'value']", "match no layer", "q_proj", "--lora_target_modules q_proj,v_proj"]),
     Case("model-path-missing", "train", ["--model", "{tmp}/no-such-model"],
          ["no-such-model", "no such folder", "--model", "save_pretrained"]),
     Case("eval-model-path-missing", "eval", ["--model", "{tmp}/no-such-model", "--question", "1+1?"],
@@ -185,6 +241,9 @@ CASES = [
     Case("reward-raises", "train", ["--reward_funcs", "{mod}:explode"],
          ["'explode' raised ZeroDivisionError", "on sample 0", "completion starts '", "fix the function",
           "return None"], setup=user_rewards),
+    # sys.exit() inside a reward ended the run with exit 0 and no checkpoint: a run that did not finish
+    Case("reward-calls-sys-exit", "train", ["--reward_funcs", "{mod}:quits"],
+         ["'quits' raised SystemExit", "fix the function"], setup=user_rewards),
     Case("reward-returns-wrong-count", "train", ["--reward_funcs", "{mod}:one_value"],
          ["'one_value' returned 1 values for 4 completions", "one float (or None) per completion"],
          setup=user_rewards),
@@ -206,6 +265,12 @@ def test_cli_bad_input(case: Case, tmp_path, tiny_model_dir, tiny_train_argv, re
 
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
         monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read once, at import
+    if case.hide_package:
+        import importlib.util
+
+        find_spec = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a: None if name == case.hide_package else find_spec(name, *a))
     monkeypatch.syspath_prepend(str(tmp_path / "pkg"))
     subs = {"tmp": str(tmp_path), "mod": f"user_rewards_{tmp_path.name.replace('-', '_')}"}
     if any("{run}" in a for a in case.argv):

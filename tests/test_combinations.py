@@ -34,6 +34,7 @@ FACTORS: dict[str, list] = {
     "load_in_4bit": [False, True],
     "sampler_correction": ["tis", "none"],
     "use_bias_correction_kl": [False, True],
+    "cpu_dtype": ["float32", "bfloat16"],
 }
 SCALES = {"rloo": ("none",), "reinforce_pp": ("batch", "none"), "ppo": ("batch",)}
 

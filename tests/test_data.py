@@ -114,6 +114,13 @@ def test_jsonl_keeps_extra_columns_and_limit(tmp_path):
     }
 
 
+def test_a_byte_order_mark_is_not_data(tmp_path):
+    # Some editors (Notepad, Excel exports) start a UTF-8 file with U+FEFF; json.loads refuses it.
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (json.dumps(GOOD) + "\n").encode())
+    assert load_gsm8k(str(path))[0]["answer"] == "5"
+
+
 def test_json_array_and_json_lines(tmp_path):
     array = tmp_path / "a.json"
     array.write_text(json.dumps([GOOD, GOOD]))

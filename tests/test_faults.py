@@ -294,3 +294,38 @@ def test_resume_hint_repeats_the_flags_with_resume_latest():
     assert train.resume_hint([]) == "python train.py --config configs/demo.yaml --resume_from_checkpoint latest"
     assert train.resume_hint(["--config", "x.yaml", "--resume_from_checkpoint", "runs/x/checkpoint-2", "--seed", "1"]) \
         == "python train.py --config x.yaml --seed 1 --resume_from_checkpoint latest"
+
+
+def test_a_resumed_run_says_what_it_resumed_and_when_nothing_is_left(tiny_run, tiny_train_argv, tmp_path, capsys):
+    import shutil
+
+    import train
+    from tests.cli_run import run_main
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    args = tiny_train_argv + ["--output_dir", str(run), "--mode", "grpo", "--resume_from_checkpoint", "latest"]
+    code, printed = run_main(train.main, args + ["--max_steps", "2"], capsys)
+    assert code == 0
+    assert f"resumed from {run / 'checkpoint-1'} at step 1: 1 of max_steps=2 left to run." in printed
+    code, printed = run_main(train.main, args + ["--max_steps", "2"], capsys)  # now at step 2: nothing left
+    assert code == 0 and "nothing left to run (max_steps=2); raise --max_steps to train on." in printed
+    assert "GRPO: nothing left to run" in printed and "nan" not in printed
+
+
+def test_a_damaged_metrics_line_is_skipped_and_reported_and_the_rest_kept(tmp_path):
+    # Before: read_jsonl stopped at the first bad line, and the resume's rewrite dropped every
+    # valid line after it (steps 3 and 4 here).
+    from grpo.metrics import read_jsonl, truncate_jsonl
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": 1, "reward": 0.1}), json.dumps({"step": 2, "reward": 0.2}),
+             '{"step": 3, "rew',  # cut by a crash
+             json.dumps({"step": 3, "reward": 0.3}), "[1, 2]", json.dumps({"step": 4, "reward": 0.4}),
+             json.dumps({"step": 5, "reward": 0.5})]
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.warns(UserWarning, match=r"metrics.jsonl: skipped line\(s\) 3, 5, which are not JSON records"):
+        assert [r["step"] for r in read_jsonl(path)] == [1, 2, 3, 4, 5]
+    with pytest.warns(UserWarning, match="skipped line"):
+        truncate_jsonl(path, 4)  # resuming from checkpoint-4: step 5 goes, the bad lines go, the rest stays
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]

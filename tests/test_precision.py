@@ -23,10 +23,10 @@ BF16_UNIT_ROUNDOFF = 2.0**-9  # bf16 keeps 8 significant bits: a rounding moves 
 
 @pytest.fixture
 def machine(monkeypatch):
-    """Set what the CPU reports (instructions, bf16 / fp32 matmul speedup) for `detect_cpu_bf16`."""
-    def set_machine(isa, speedup=2.5):
+    """Set what the CPU and the torch build report (bf16 instructions, oneDNN) for `detect_cpu_bf16`."""
+    def set_machine(isa, onednn=True):
         monkeypatch.setattr(precision, "cpu_bf16_instructions", lambda: isa)
-        monkeypatch.setattr(precision, "matmul_speedup", lambda: speedup)
+        monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: onednn)
         precision.detect_cpu_bf16.cache_clear()
 
     yield set_machine
@@ -38,29 +38,31 @@ def test_auto_picks_bf16_only_where_the_cpu_is_fast_at_it(machine):
     machine(None)
     dtype, why = precision.resolve_cpu_dtype("auto", cpu)
     assert dtype == torch.float32 and "no AVX512-BF16 or AMX" in why
-    machine("AVX512-BF16", speedup=2.5)
+    machine("AVX512-BF16")
     dtype, why = precision.resolve_cpu_dtype("auto", cpu)
-    assert dtype == torch.bfloat16 and "AVX512-BF16" in why and "2.5x" in why
-    machine("AMX", speedup=1.1)  # reported, but not faster in this build: stay float32
+    assert dtype == torch.bfloat16 and "this CPU has AVX512-BF16, which oneDNN uses" in why
+    machine("AMX", onednn=False)  # the instructions, but no kernels that use them in this build
     dtype, why = precision.resolve_cpu_dtype("auto", cpu)
-    assert dtype == torch.float32 and "only 1.1x" in why
+    assert dtype == torch.float32 and "no oneDNN" in why
     assert precision.resolve_cpu_dtype("float32", cpu)[0] == torch.float32
     machine(None)
     dtype, why = precision.resolve_cpu_dtype("bfloat16", cpu)  # forced: runs, and says it is slow here
     assert dtype == torch.bfloat16 and "slow here" in why
-    assert precision.resolve_cpu_dtype("bfloat16", torch.device("cuda", 0)) == (None, "")
-    with pytest.raises(ValueError, match="cpu_dtype='fp16'"):
+    assert precision.resolve_cpu_dtype("auto", torch.device("cuda", 0)) == (None, "")
+    with pytest.raises(grpo.ConfigError, match="cpu_dtype='bfloat16' applies on CPU only; this run is on cuda:0"):
+        precision.resolve_cpu_dtype("bfloat16", torch.device("cuda", 0))
+    with pytest.raises(grpo.ConfigError, match="cpu_dtype='fp16'"):
         precision.resolve_cpu_dtype("fp16", cpu)
     with pytest.raises(grpo.ConfigError, match="cpu_dtype='bf16': choose one of auto, float32, bfloat16"):
         grpo.GRPOConfig(cpu_dtype="bf16")
 
 
 def test_the_trainer_says_which_precision_each_part_uses(machine, tmp_path, capsys):
-    machine("AVX512-BF16", speedup=2.4)
+    machine("AVX512-BF16")
     trainer = make_trainer(tmp_path, cpu_dtype="auto")
     line = capsys.readouterr().out
     assert trainer.cpu_dtype == torch.bfloat16 and trainer.fast_policy.dtype == torch.bfloat16
-    assert "precision: bfloat16 on CPU (this CPU has AVX512-BF16: a bfloat16 matmul ran 2.4x" in line
+    assert "precision: bfloat16 on CPU (this CPU has AVX512-BF16, which oneDNN uses" in line
     assert "LoRA weights, optimizer, log-probs and loss in float32" in line
     machine(None)
     trainer = make_trainer(tmp_path, cpu_dtype="auto")

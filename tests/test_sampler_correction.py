@@ -154,8 +154,10 @@ def test_sampler_correction_default_and_bad_values():
     assert grpo.GRPOConfig(sampler_correction="none").sampler_correction == "none"  # a value, not "unset"
     with pytest.raises(grpo.ConfigError, match="sampler_correction='is'.*tis, none"):
         grpo.GRPOConfig(sampler_correction="is")
-    with pytest.raises(grpo.ConfigError, match="sampler_correction_cap=0.0"):
+    with pytest.raises(grpo.ConfigError, match="sampler_correction_cap=0.0 must be > 0"):
         grpo.GRPOConfig(sampler_correction_cap=0.0)
+    with pytest.raises(grpo.ConfigError, match="sampler_correction_cap=inf is not a finite number"):
+        grpo.GRPOConfig(sampler_correction_cap=float("inf"))
 
 
 # ---------------------------------------------------------------------------- in the trainer
