@@ -69,20 +69,31 @@ def check_resume(cfg) -> None:
 
 def run(cfg) -> dict:
     """SFT and/or GRPO as `cfg.mode` says; returns the GRPO summary (or the SFT adapter path)."""
+    from grpo import distributed
+    from grpo.rundir import open_run
+
+    dist = distributed.setup()  # before loading: picks this rank's GPU under torchrun
+    distributed.check_config(cfg, dist)
+    train_rows, sft_targets, eval_rows = build_datasets(cfg)
+    reward_funcs = load_rewards(cfg)
+    check_resume(cfg)
+    # One run in the folder: locked for SFT and GRPO together, and refused (or moved aside with
+    # --overwrite_output_dir) if it holds another run, before any model is loaded.
+    with open_run(cfg.output_dir, resume=bool(cfg.resume_from_checkpoint), overwrite=cfg.overwrite_output_dir,
+                  main=dist.is_main):
+        return train_models(cfg, dist, train_rows, sft_targets, eval_rows, reward_funcs)
+
+
+def train_models(cfg, dist, train_rows, sft_targets, eval_rows, reward_funcs) -> dict:
+    """Load the model, then SFT and/or GRPO; `run` calls it inside the claimed, locked folder."""
     import torch
 
-    from grpo import distributed
     from grpo.checkpoint import list_checkpoints
     from grpo.model import add_reference_adapter, attach_adapters, load_base_model, load_tokenizer
     from grpo.sft import SFTTrainer
     from grpo.trainer import Trainer
 
-    dist = distributed.setup()  # before loading: picks this rank's GPU under torchrun
-    distributed.check_config(cfg, dist)
     say = print if dist.is_main else (lambda *a, **k: None)
-    train_rows, sft_targets, eval_rows = build_datasets(cfg)
-    reward_funcs = load_rewards(cfg)
-    check_resume(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, trust_remote_code=cfg.trust_remote_code)
     base = load_base_model(cfg.model, load_in_4bit=cfg.load_in_4bit, trust_remote_code=cfg.trust_remote_code)
     torch.manual_seed(cfg.seed)  # LoRA init

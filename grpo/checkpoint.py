@@ -124,11 +124,14 @@ def save_checkpoint(
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(output_dir)
-    except OSError as err:
+    except (OSError, RuntimeError) as err:
+        if isinstance(err, RuntimeError) and "PytorchStreamWriter" not in str(err):
+            raise  # torch.save reports a failed write (a full disk) as a RuntimeError of its zip writer
         shutil.rmtree(tmp, ignore_errors=True)
         kept = [p.name for p in list_checkpoints(output_dir)]
         raise CheckpointError(
-            f"could not write {final} ({err.strerror or err}; disk full or read-only?). "
+            f"could not write {final} ({getattr(err, 'strerror', None) or str(err).splitlines()[-1]}; disk full or "
+            "read-only?). "
             f"The older checkpoints are kept ({', '.join(kept) or 'none yet'}): free space or fix the "
             "permissions, then continue with --resume_from_checkpoint latest."
         ) from err
@@ -175,19 +178,61 @@ def load_adapter_weights(model, path: str | Path) -> None:
 def load_checkpoint(path: str | Path, *, model, optimizer, scheduler, rank: int = 0) -> dict[str, Any]:
     """Restore adapter weights, optimizer, scheduler and this rank's RNG in place; return the
     trainer state. A checkpoint from fewer ranks gives the extra ranks rank 0's RNG."""
+    from safetensors import SafetensorError
+
     path = Path(path)
+    state = _trainer_state(path)  # first: the smallest file, and the one hand edits damage
+    file = path / "adapter_model.safetensors"
     try:
         load_adapter_weights(model, path)
-        optimizer.load_state_dict(_load_state(path / "optimizer.pt"))
-        scheduler.load_state_dict(_load_state(path / "scheduler.pt"))
-        ranks = _load_state(path / "rng.pt")["ranks"]
+        file = path / "optimizer.pt"
+        optimizer.load_state_dict(_load_state(file))
+        file = path / "scheduler.pt"
+        scheduler.load_state_dict(_load_state(file))
+        file = path / "rng.pt"
+        ranks = _load_state(file)["ranks"]
         set_rng_state(ranks[rank] if rank < len(ranks) else ranks[0])
-        state = json.loads((path / "trainer_state.json").read_text())
-    except (OSError, KeyError, ValueError, RuntimeError) as err:
+    except (OSError, KeyError, ValueError, RuntimeError, TypeError, SafetensorError) as err:
         if isinstance(err, CheckpointError):
             raise
-        raise CheckpointError(f"checkpoint {path} could not be loaded: {err}") from err
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "size mismatch" in str(err):
+            first = ("its LoRA weights have other shapes than this run's (another lora_r or "
+                     "lora_target_modules): resume with the values it was trained with")
+        raise CheckpointError(corrupt_message(path, file, first)) from err
     random.setstate(_python_rng(state.pop("python_rng")))
+    return state
+
+
+def corrupt_message(checkpoint: Path, file: Path, problem: str) -> str:
+    """What to say about a checkpoint that cannot be loaded: the file, what is wrong, and the
+    previous checkpoint to resume from instead, if there is one."""
+    older = [p for p in list_checkpoints(checkpoint.parent) if _step(p) < _step(checkpoint)]
+    fix = (f"resume from the previous one (--resume_from_checkpoint {older[-1]})" if older
+           else "no older checkpoint is left, so start the run again")
+    return f"checkpoint {checkpoint} cannot be loaded: {file.name}: {problem[:300]}. It is damaged or from another run: {fix}."
+
+
+def _step(checkpoint: Path) -> int:
+    try:
+        return int(checkpoint.name.rsplit("-", 1)[-1])
+    except ValueError:
+        return -1
+
+
+def _trainer_state(path: Path) -> dict[str, Any]:
+    """trainer_state.json of a checkpoint, checked: a JSON object with an int `step` and the
+    Python RNG state (what `save_checkpoint` writes)."""
+    file = path / "trainer_state.json"
+    try:
+        state = json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(corrupt_message(path, file, f"not readable JSON ({err})")) from err
+    if not isinstance(state, dict):
+        raise CheckpointError(corrupt_message(path, file, f"holds a {type(state).__name__}, not an object"))
+    rng = state.get("python_rng")
+    if not isinstance(state.get("step"), int) or not (isinstance(rng, list) and len(rng) == 3):
+        raise CheckpointError(corrupt_message(path, file, "has no integer `step` or no `python_rng` state"))
     return state
 
 

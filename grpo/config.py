@@ -46,6 +46,8 @@ class GRPOConfig:
     # ---------------------------------------------------------------- run
     output_dir: str = "runs/demo"
     """Run directory: metrics.jsonl, completions.jsonl, config.yaml and checkpoint-N/ go here."""
+    overwrite_output_dir: bool = False
+    """Start a new run in an output_dir that holds one: its files are moved aside to OUTPUT_DIR.old-TIME/ first (never deleted, never mixed). Without it such a folder is refused unless the run resumes it."""
     seed: int = 0
     """Seed for data order, sampling, dropout and LoRA init; a run is reproducible from it."""
     mode: str = "grpo"

@@ -308,7 +308,14 @@ def check_adapter(adapter_path: str, base) -> None:
             f"adapter {adapter_path!r} has no adapter_config.json: pass a folder written by "
             "`save_pretrained` (a run's checkpoint-N/ or sft/ folder)."
         )
-    adapter_cfg = json.loads(config_file.read_text())
+    try:
+        adapter_cfg = json.loads(config_file.read_text())
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"adapter {adapter_path!r}: {config_file.name} is not readable JSON ({err}): the "
+                             "folder is damaged; use another checkpoint, or re-save the adapter with save_pretrained.") from err
+    if not isinstance(adapter_cfg, dict):
+        raise ModelLoadError(f"adapter {adapter_path!r}: {config_file.name} holds a {type(adapter_cfg).__name__}, "
+                             "not PEFT's adapter config: the folder is damaged; use another checkpoint.")
     trained_on = adapter_cfg.get("base_model_name_or_path")
     weights = Path(adapter_path) / "adapter_model.safetensors"
     if not weights.is_file():
@@ -320,18 +327,23 @@ def check_adapter(adapter_path: str, base) -> None:
             + ": only safetensors adapters load; re-save it with `save_pretrained` (peft writes safetensors) "
             "from a copy you trust."
         )
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     hidden = base.config.hidden_size
-    with safe_open(str(weights), "pt") as f:
-        for key in f.keys():
-            if "lora_A" in key and f.get_slice(key).get_shape()[-1] not in _input_sizes(base):
-                raise ModelLoadError(
-                    f"adapter {adapter_path!r} was trained on another base"
-                    f"{f' ({trained_on!r})' if trained_on else ''}: its {key} "
-                    f"has input size {f.get_slice(key).get_shape()[-1]}, which no layer of this model "
-                    f"(hidden size {hidden}) has. Pass the base it was trained on with --model."
-                )
+    try:
+        with safe_open(str(weights), "pt") as f:
+            shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}
+    except SafetensorError as err:
+        raise ModelLoadError(f"adapter {adapter_path!r}: {weights.name} is damaged ({err}; a file cut short by a "
+                             "crash or a full disk?): use another checkpoint.") from err
+    for key, shape in shapes.items():
+        if "lora_A" in key and shape[-1] not in _input_sizes(base):
+            raise ModelLoadError(
+                f"adapter {adapter_path!r} was trained on another base"
+                f"{f' ({trained_on!r})' if trained_on else ''}: its {key} "
+                f"has input size {shape[-1]}, which no layer of this model "
+                f"(hidden size {hidden}) has. Pass the base it was trained on with --model."
+            )
 
 
 def _input_sizes(base) -> set[int]:

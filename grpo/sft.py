@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from grpo import checkpoint as ckpt
-from grpo import distributed, faults
+from grpo import distributed, faults, rundir
 from grpo.config import GRPOConfig
 from grpo.metrics import MetricsLogger
 from grpo.model import completion_logprobs, trainable_parameters
@@ -90,7 +90,15 @@ class SFTTrainer:
 
     def train(self) -> Path:
         """Run to sft_steps; returns the adapter folder. Stopped by SIGINT/SIGTERM: a
-        checkpoint is written and `stopped_by` names the signal (no adapter yet)."""
+        checkpoint is written and `stopped_by` names the signal (no adapter yet). The sft/
+        folder is locked, and refused if it holds another run's warm start (`grpo.rundir`)."""
+        cfg = self.config
+        with rundir.open_run(self.run_dir, resume=bool(cfg.resume_from_checkpoint),
+                             overwrite=cfg.overwrite_output_dir, main=self.dist.is_main):
+            return self.run_steps()
+
+    def run_steps(self) -> Path:
+        """The loop of `train`, in a folder already claimed."""
         cfg = self.config
         if self.adapter_dir.is_dir():  # a finished warm start (e.g. the run is resumed): load it
             ckpt.load_adapter_weights(self.model, self.adapter_dir)

@@ -36,7 +36,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from grpo import checkpoint as ckpt
-from grpo import distributed, faults
+from grpo import distributed, faults, rundir
 from grpo.advantages import zero_std_groups
 from grpo.algorithms import ALGORITHMS, AdvantageInputs, fill_batch, informative_groups, shaped_rewards
 from grpo.config import GRPOConfig
@@ -182,7 +182,15 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict[str, Any]:
-        """Run to max_steps (or until SIGINT/SIGTERM: then the summary has "stopped_by")."""
+        """Run to max_steps (or until SIGINT/SIGTERM: then the summary has "stopped_by"), with
+        the output folder locked, and refused if it holds another run (`grpo.rundir`)."""
+        cfg = self.config
+        with rundir.open_run(cfg.output_dir, resume=bool(cfg.resume_from_checkpoint),
+                             overwrite=cfg.overwrite_output_dir, main=self.dist.is_main, ignore=("sft",)):
+            return self.run_steps()
+
+    def run_steps(self) -> dict[str, Any]:
+        """The loop of `train`, in a folder already claimed."""
         cfg = self.config
         run_dir = Path(cfg.output_dir)
         main = self.dist.is_main  # rank 0 writes; every rank reads

@@ -81,6 +81,12 @@ def pickled_model(tmp: Path) -> None:
     torch.save(model.state_dict(), tmp / "pickled" / "pytorch_model.bin")
 
 
+def garbage_adapter(tmp: Path) -> None:
+    """tmp/ck: an adapter folder whose adapter_config.json is not JSON."""
+    write(tmp / "ck" / "adapter_config.json", "{oops")
+    write(tmp / "ck" / "adapter_model.safetensors", "")
+
+
 def split_folder(tmp: Path) -> None:
     jsonl(tmp / "gsm" / "train.jsonl", [{"question": "1+1?", "answer": "1+1=2\n#### 2"}])
 
@@ -201,6 +207,10 @@ CASES = [
          ["pytorch_model.bin", "safetensors only", "convert it once"], setup=pickled_model),
     Case("lora-target-modules-not-in-model", "train", ["--lora_target_modules", "query,value"],
          ["lora_target_modules ['query', 'value']", "match no layer", "q_proj", "--lora_target_modules q_proj,v_proj"]),
+    Case("adapter-config-not-json", "train", ["--adapter_path", "{tmp}/ck"],
+         ["ck", "adapter_config.json is not readable JSON", "use another checkpoint"], setup=garbage_adapter),
+    Case("eval-adapter-config-not-json", "eval", ["--checkpoint", "{tmp}/ck", "--question", "1+1?"],
+         ["ck", "adapter_config.json is not readable JSON"], setup=garbage_adapter),
     Case("model-path-missing", "train", ["--model", "{tmp}/no-such-model"],
          ["no-such-model", "no such folder", "--model", "save_pretrained"]),
     Case("eval-model-path-missing", "eval", ["--model", "{tmp}/no-such-model", "--question", "1+1?"],

@@ -329,3 +329,130 @@ def test_a_damaged_metrics_line_is_skipped_and_reported_and_the_rest_kept(tmp_pa
     with pytest.warns(UserWarning, match="skipped line"):
         truncate_jsonl(path, 4)  # resuming from checkpoint-4: step 5 goes, the bad lines go, the rest stays
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
+
+
+# ---------------------------------------------------------------------------- one run per folder
+def test_a_rerun_into_a_folder_holding_a_run_is_refused_or_moves_the_old_run_aside(tiny_run, tiny_train_argv,
+                                                                                   tmp_path, capsys):
+    # Before: a rerun (another seed) truncated the old metrics.jsonl, kept the old checkpoints,
+    # skipped its own end save, and with --mode both reused the old sft/adapter.
+    import shutil
+
+    import train
+    from tests.cli_run import run_main
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    before = {p.name: p.read_bytes() for p in run.glob("*.jsonl")}
+    args = tiny_train_argv + ["--output_dir", str(run), "--mode", "both", "--seed", "7"]
+    code, printed = run_main(train.main, args, capsys)
+    assert code == 2 and f"output_dir {run} already holds a run" in printed
+    assert "--resume_from_checkpoint latest" in printed and "--overwrite_output_dir true" in printed
+    assert {p.name: p.read_bytes() for p in run.glob("*.jsonl")} == before  # nothing touched
+    code, printed = run_main(train.main, args + ["--overwrite_output_dir", "true"], capsys)
+    assert code == 0, printed
+    [aside] = list(tmp_path.glob("run.old-*"))
+    assert f"aside to {aside}" in printed
+    assert {p.name: p.read_bytes() for p in aside.glob("*.jsonl")} == before  # the old run, whole
+    assert (aside / "sft" / "adapter").is_dir() and (aside / "checkpoint-1").is_dir()
+    assert (run / "checkpoint-1").is_dir() and (run / "sft" / "adapter").is_dir()  # the new run, whole
+    assert not (run / ".lock").exists()  # released at the end
+
+
+def test_the_library_trainer_refuses_a_folder_with_another_runs_checkpoints(tmp_path):
+    from grpo.checkpoint import CheckpointError
+    from tests.test_trainer import make_trainer
+
+    (tmp_path / "run" / "checkpoint-3").mkdir(parents=True)
+    with pytest.raises(CheckpointError, match="already holds a run \\(checkpoint-3\\)"):
+        make_trainer(tmp_path, max_steps=1).train()
+
+
+def test_a_second_run_on_a_locked_folder_is_refused_and_a_stale_lock_is_taken_over(tmp_path, capsys):
+    import socket
+    import subprocess
+    import sys
+
+    from grpo.checkpoint import CheckpointError
+    from grpo.rundir import LOCK, RunLock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / LOCK).write_text(json.dumps({"pid": other.pid, "host": socket.gethostname()}))
+        with pytest.raises(CheckpointError, match=f"is in use by another run \\(pid {other.pid}"):
+            with RunLock(run):
+                pass
+    finally:
+        other.kill()
+        other.wait()
+    with RunLock(run):  # the holder is gone (as after kill -9): taken over, with a message
+        assert json.loads((run / LOCK).read_text())["pid"] == os.getpid()
+        with RunLock(run):  # re-entrant in one process
+            pass
+        assert (run / LOCK).exists()
+    assert f"the run that held it (pid {other.pid}) is no longer running; taking it over" in capsys.readouterr().out
+    assert not (run / LOCK).exists()
+
+
+def test_a_full_disk_inside_torch_save_is_a_checkpoint_error(tmp_path, monkeypatch):
+    # torch.save reports ENOSPC as a RuntimeError of its zip writer, not an OSError.
+    trainer = make_trainer(tmp_path, lengths_reward, max_steps=2)
+    real_save = torch.save
+
+    def full_at_step_2(obj, f, *a, **k):
+        if "checkpoint-2" in str(f):
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0\n"
+                               "PytorchStreamWriter failed writing file data/0: file write failed")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", full_at_step_2)
+    with pytest.raises(CheckpointError, match=r"could not write .*checkpoint-2 \(PytorchStreamWriter failed writing "
+                                              r"file data/0: file write failed; disk full or read-only\?\).*"
+                                              r"older checkpoints are kept \(checkpoint-1\)"):
+        trainer.train()
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == ["checkpoint-1"]
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:100])
+
+
+DAMAGE = {  # checkpoint file -> (how it is damaged, words the error line must hold)
+    "truncated-adapter": (lambda c: _truncate(c / "adapter_model.safetensors"), ["adapter_model.safetensors"]),
+    "state-empty-object": (lambda c: (c / "trainer_state.json").write_text("{}"),
+                           ["trainer_state.json", "no integer `step`"]),
+    "state-a-list": (lambda c: (c / "trainer_state.json").write_text("[1, 2]"), ["trainer_state.json", "a list"]),
+    "state-wrong-types": (lambda c: (c / "trainer_state.json").write_text('{"step": "two", "python_rng": 3}'),
+                          ["trainer_state.json", "no integer `step`"]),
+    "state-not-json": (lambda c: (c / "trainer_state.json").write_text("{step: 2"), ["trainer_state.json", "not readable JSON"]),
+    "truncated-optimizer": (lambda c: _truncate(c / "optimizer.pt"), ["optimizer.pt"]),
+    "other-lora-rank-without-config": (lambda c: (c / "config.yaml").unlink(),
+                                       ["adapter_model.safetensors", "other shapes", "lora_r"]),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_a_damaged_checkpoint_names_the_file_the_problem_and_the_previous_checkpoint(
+        damage, tiny_run, tiny_train_argv, tmp_path, capsys):
+    import shutil
+
+    import train
+    from tests.cli_run import run_main
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    shutil.copytree(run / "checkpoint-1", run / "checkpoint-2")  # the newest: damaged below
+    hurt, words = DAMAGE[damage]
+    hurt(run / "checkpoint-2")
+    args = tiny_train_argv + ["--output_dir", str(run), "--mode", "grpo", "--max_steps", "3",
+                              "--resume_from_checkpoint", "latest"]
+    if damage == "other-lora-rank-without-config":
+        args += ["--lora_r", "4"]  # the checkpoint's rank is 2; without its config.yaml only the shapes tell
+    code, printed = run_main(train.main, args, capsys)
+    assert code == 2 and "Traceback" not in printed, printed
+    line = printed.strip().splitlines()[-1]
+    assert line.startswith(f"error: checkpoint {run / 'checkpoint-2'} cannot be loaded"), line
+    assert all(w in line for w in words), line
+    assert f"resume from the previous one (--resume_from_checkpoint {run / 'checkpoint-1'})" in line
