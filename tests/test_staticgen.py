@@ -15,6 +15,7 @@ import torch
 
 from grpo import staticgen
 from grpo.fastgen import FastPolicy
+from grpo.logprobs import compile_status
 from grpo.model import disable_cpu_4bit_packing
 from grpo.rollout import _is_plain, encode_prompts, generate_rollout, sample
 from grpo.staticgen import fill_static_cache, left_pad_to, resolve_decode, round_up, static_decode_loop
@@ -234,6 +235,7 @@ def test_compiled_step_is_one_graph_per_bucket_and_exact(tok):
     assert len(graphs) == 2
 
 
+@pytest.mark.skipif(compile_status() is not None, reason=str(compile_status()))  # inductor needs a C++ build here
 def test_compiled_fast_copy_follows_refresh(tok):
     """The compiled step (inductor, the real backend) reads the fast copy's weights, which
     `refresh()` rewrites in place after an update: the compiled graph must see the new
