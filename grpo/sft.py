@@ -106,8 +106,7 @@ class SFTTrainer:
                 print(f"SFT adapter already at {self.adapter_dir}: loaded it, skipping the warm start.")
             return self.adapter_dir
         main = self.dist.is_main
-        if main:
-            faults.check_writable(self.run_dir)
+        if main:  # writable: probed by open_run
             ckpt.remove_temporaries(self.run_dir)
         distributed.barrier()
         if cfg.resume_from_checkpoint and ckpt.list_checkpoints(self.run_dir):

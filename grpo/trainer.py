@@ -194,8 +194,7 @@ class Trainer:
         cfg = self.config
         run_dir = Path(cfg.output_dir)
         main = self.dist.is_main  # rank 0 writes; every rank reads
-        if main:
-            faults.check_writable(run_dir)  # fail now, not at the first save hours later
+        if main:  # open_run has probed that the folder is writable: fail now, not at the first save hours later
             ckpt.remove_temporaries(run_dir)  # left by a process killed while saving
         distributed.barrier()
         if cfg.resume_from_checkpoint:
