@@ -207,17 +207,12 @@ def load_checkpoint(path: str | Path, *, model, optimizer, scheduler, rank: int 
 def corrupt_message(checkpoint: Path, file: Path, problem: str) -> str:
     """What to say about a checkpoint that cannot be loaded: the file, what is wrong, and the
     previous checkpoint to resume from instead, if there is one."""
-    older = [p for p in list_checkpoints(checkpoint.parent) if _step(p) < _step(checkpoint)]
+    listed = list_checkpoints(checkpoint.parent)  # oldest first
+    names = [p.name for p in listed]
+    older = listed[: names.index(checkpoint.name)] if checkpoint.name in names else listed
     fix = (f"resume from the previous one (--resume_from_checkpoint {older[-1]})" if older
            else "no older checkpoint is left, so start the run again")
     return f"checkpoint {checkpoint} cannot be loaded: {file.name}: {problem[:300]}. It is damaged or from another run: {fix}."
-
-
-def _step(checkpoint: Path) -> int:
-    try:
-        return int(checkpoint.name.rsplit("-", 1)[-1])
-    except ValueError:
-        return -1
 
 
 def _trainer_state(path: Path) -> dict[str, Any]:
